@@ -1,0 +1,143 @@
+"""Op dialects of the exported graph: one pass each, chosen with ``--ops``.
+
+- ``custom``:     llmtrt RMSNorm / RotaryEmbedding / GroupQueryAttention nodes, each with an ONNX
+                  local function holding its exact semantics (ONNX Runtime and TensorRT inline them).
+- ``standard``:   the same nodes rewritten to opset-23 RMSNormalization / RotaryEmbedding / Attention.
+- ``decomposed``: the local functions inlined: primitive ops only, for old runtimes (opset >= 17).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+import onnx.inliner
+import onnx.version_converter
+from onnx import helper
+
+from exporter.config import ModelConfig
+from exporter.errors import LlmtrtUserError
+
+MAX_OPSET = onnx.defs.onnx_opset_version()
+CAPTURE_OPSET = 18  # torch's ONNX translations are written for 18; other opsets are converted after capture
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    default_opset: int
+    min_opset: int
+    apply: Callable[[onnx.ModelProto, int], onnx.ModelProto]
+    summary: str
+
+
+def _custom(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    from plugins.registry import functions
+
+    del proto.functions[:]
+    proto.functions.extend(functions(opset))
+    return proto
+
+
+def _standard(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    from plugins.registry import DOMAIN, registry
+
+    ops = registry()
+    nodes = []
+    for node in proto.graph.node:
+        nodes.extend(ops[node.op_type].to_standard(node) if node.domain == DOMAIN else [node])
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    del proto.functions[:]
+    _drop_domain(proto, DOMAIN)
+    return proto
+
+
+def _decomposed(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    from plugins.registry import DOMAIN
+
+    proto = onnx.inliner.inline_local_functions(_custom(proto, opset))
+    del proto.functions[:]
+    _drop_domain(proto, DOMAIN)
+    return proto
+
+
+def _drop_domain(proto: onnx.ModelProto, domain: str) -> None:
+    keep = [o for o in proto.opset_import if o.domain != domain]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+
+
+DIALECTS = {
+    "custom": Dialect("custom", 18, 18, _custom, "llmtrt custom nodes with ONNX function bodies"),
+    "standard": Dialect("standard", 23, 23, _standard, "opset-23 RMSNormalization / RotaryEmbedding / Attention"),
+    "decomposed": Dialect("decomposed", 17, 17, _decomposed, "primitive ONNX ops only"),
+}
+
+
+def get(name: str) -> Dialect:
+    try:
+        return DIALECTS[name]
+    except KeyError:
+        raise LlmtrtUserError(f"--ops {name!r} is not a dialect; use one of {', '.join(DIALECTS)}") from None
+
+
+def finalize(proto: onnx.ModelProto, config: ModelConfig, dialect: str, opset: int) -> onnx.ModelProto:
+    """Name nodes and weights after their modules, convert to ``opset``, then apply the dialect pass.
+
+    ``proto`` comes from the capture at CAPTURE_OPSET, before any custom node has a function body.
+    """
+    name_after_modules(proto)
+    if opset != CAPTURE_OPSET:
+        proto = onnx.version_converter.convert_version(proto, opset)
+    proto = get(dialect).apply(proto, opset)
+    proto.producer_name = "llmtrt"
+    helper.set_model_props(proto, {"llmtrt.dialect": dialect, "llmtrt.model": config.name})
+    return proto
+
+
+def _module_scope(node: onnx.NodeProto) -> str | None:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            modules = [s for s in scopes[:-1] if s and not s.startswith("_")]
+            return modules[-1] if modules else None
+    return None
+
+
+def name_after_modules(proto: onnx.ModelProto) -> None:
+    """Node names like ``/model/layers/0/self_attn/q_proj/MatMul`` and linear weights
+    ``model.layers.0.self_attn.q_proj.weight_t`` ([in, out]), so reports and precision passes can
+    say which layer they mean."""
+    initializers = {t.name: t for t in proto.graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    renames: dict[str, str] = {}
+    used: set[str] = set()
+    for node in proto.graph.node:
+        scope = _module_scope(node)
+        base = "/" + scope.replace(".", "/") if scope else ""
+        name = f"{base}/{node.op_type}"
+        k = 0
+        while name in used:
+            k += 1
+            name = f"{base}/{node.op_type}_{k}"
+        used.add(name)
+        node.name = name
+        if node.op_type == "MatMul" and scope and len(node.input) == 2:
+            weight = node.input[1]
+            if weight in initializers and consumers.get(weight) == 1 and weight not in renames:
+                renames[weight] = f"{scope}.weight_t"
+    for old, new in renames.items():
+        initializers[old].name = new
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]

@@ -1,0 +1,176 @@
+"""A Llama-family decoder in one file: RMSNorm, rotary embedding, GQA attention with a KV cache, SwiGLU.
+
+Prefill and decode are the same forward: ``past_key_values`` may have length 0. The KV cache is
+explicit tensors in and out; nothing in ``forward`` depends on tensor data, only on shapes, so
+the graph exports once for every batch size, prompt length and past length.
+
+Custom ops (``torch.ops.llmtrt.*``, see plugins/) carry RMSNorm, RoPE and attention so the
+exporter can emit them as single nodes; in eager mode they run their torch reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+import plugins.gqa_attention  # noqa: F401  (registers torch.ops.llmtrt.*)
+import plugins.rms_norm  # noqa: F401
+import plugins.rotary_embedding  # noqa: F401
+from exporter.config import ModelConfig
+
+ops = torch.ops.llmtrt
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Inverse rotary frequencies in fp32, with linear or llama3 scaling, computed as transformers does."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    if s.rope_type == "llama3":
+        low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(config: ModelConfig, max_positions: int | None = None) -> tuple[Tensor, Tensor]:
+    """Real cos/sin tables, [max_positions, head_dim / 2], angle = position * inv_freq."""
+    n = max_positions or config.max_position_embeddings
+    angles = torch.outer(torch.arange(n, dtype=torch.int64).float(), rope_inv_freq(config))
+    return angles.cos(), angles.sin()
+
+
+def causal_mask(attention_mask: Tensor, seq_len: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask [batch, 1, seq, past + seq]: query i sees key j when j <= past + i and j is not padding."""
+    total = attention_mask.shape[1]
+    past = total - seq_len
+    query_pos = torch.arange(seq_len, device=attention_mask.device) + past
+    key_pos = torch.arange(total, device=attention_mask.device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.kv_num_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.kv_num_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.kv_num_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def forward(self, x: Tensor, position_ids: Tensor, mask: Tensor, cos: Tensor, sin: Tensor,
+                past_key: Tensor, past_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
+        q = ops.rotary_embedding(q, position_ids, cos, sin)
+        k = ops.rotary_embedding(k, position_ids, cos, sin)
+        y, present_key, present_value = ops.gqa_attention(
+            q, k, v, mask, past_key, past_value, self.num_heads, self.kv_num_heads, self.scale)
+        y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(y), present_key, present_value
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, position_ids: Tensor, mask: Tensor, cos: Tensor, sin: Tensor,
+                past_key: Tensor, past_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h, present_key, present_value = self.self_attn(
+            self.input_layernorm(x), position_ids, mask, cos, sin, past_key, past_value)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present_key, present_value
+
+
+class LlamaDecoder(nn.Module):
+    """Parameter names match transformers' LlamaForCausalLM, so HF state dicts load unchanged."""
+
+    def __init__(self, config: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(config, max_positions)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
+                past_key_values: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Logits [batch, seq, vocab] and present [k0, v0, k1, v1, ...], each [batch, kv_heads, past+seq, d]."""
+        x = self.model.embed_tokens(input_ids)
+        mask = causal_mask(attention_mask, input_ids.shape[1], x.dtype)
+        present: list[Tensor] = []
+        for i, layer in enumerate(self.model.layers):
+            x, k, v = layer(x, position_ids, mask, self.rope_cos, self.rope_sin,
+                            past_key_values[2 * i], past_key_values[2 * i + 1])
+            present += [k, v]
+        logits = self.lm_head(self.model.norm(x)).float()
+        return logits, present
+
+    def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+        """A zero-length KV cache (prefill)."""
+        c = self.config
+        shape = (batch, c.num_key_value_heads, 0, c.head_dim)
+        return [torch.zeros(shape, dtype=dtype) for _ in range(2 * c.num_hidden_layers)]
+
+
+def init_random(model: LlamaDecoder, seed: int) -> LlamaDecoder:
+    """Deterministic random init (normal, std 0.02; norms at 1 + noise so they are exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model

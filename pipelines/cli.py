@@ -1,0 +1,119 @@
+"""The ``llmtrt`` command line: a thin Click layer over the library.
+
+Each command parses its options, calls one library function and prints. Heavy imports (torch,
+onnx, TensorRT) happen inside the commands so ``--help`` is instant. A user error prints one line
+and exits 2; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+
+import click
+
+from exporter.errors import LlmtrtUserError
+
+EXIT_USAGE = 2
+
+
+def user_errors(func):
+    """Turn LlmtrtUserError into ``error: ...`` on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LlmtrtUserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper
+
+
+def _progress(message: str, *, quiet: bool = False) -> None:
+    if not quiet:
+        click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="llmtrt")
+def main() -> None:
+    """Llama-family decoders from PyTorch to ONNX and TensorRT engines, with the numbers checked.
+
+    \b
+    Typical flow on the built-in trained model:
+      llmtrt export --model bytes-llama --out out/onnx
+      llmtrt build out/onnx --out out/engines       (TensorRT / TensorRT-RTX)
+      llmtrt validate out/onnx                      (PyTorch vs ONNX Runtime vs TensorRT)
+
+    Models: an HF checkpoint directory (config.json + safetensors) or a preset name
+    (see `llmtrt export --help`).
+    """
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, metavar="PRESET|DIR",
+              help="Preset name (tiny, bytes-llama, tinyllama-1.1b, llama-3.2-1b, llama-3.1-8b, ...) or an HF "
+                   "checkpoint directory with config.json and model.safetensors (or a sharded index).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--ops", "dialect", type=click.Choice(["custom", "standard", "decomposed"]), default="custom",
+              show_default=True,
+              help="custom: llmtrt RMSNorm/RotaryEmbedding/GroupQueryAttention nodes with ONNX function bodies; "
+                   "standard: opset-23 RMSNormalization/RotaryEmbedding/Attention; "
+                   "decomposed: primitive ops only (opset >= 17) for old runtimes.")
+@click.option("--opset", type=int, default=None, help="Default-domain opset (default: 18 custom, 23 standard, 17 decomposed).")
+@click.option("--max-seq", "max_positions", type=int, default=None,
+              help="Longest sequence (past + new tokens) the graph supports; sizes the rotary tables. "
+                   "Default: the model's max_position_embeddings.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for presets without weights (random init).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary.")
+@user_errors
+def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_positions: int | None,
+           seed: int, as_json: bool) -> None:
+    """Export a model to DIR/model.onnx plus DIR/manifest.json.
+
+    \b
+    Graph IO (ONNX Runtime GenAI names; batch, sequence and past are dynamic):
+      input_ids, position_ids [batch, seq] int64; attention_mask [batch, past+seq] int64
+      past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
+      -> logits [batch, seq, vocab], present.{i}.key|value [batch, kv_heads, past+seq, head_dim]
+
+    \b
+    Examples:
+      llmtrt export --model tiny --out out/tiny
+      llmtrt export --model ./Llama-3.2-1B --out out/llama --ops standard
+    """
+    from exporter.config import resolve_model
+    from exporter.onnx_export import ExportOptions
+    from exporter.onnx_export import export as run_export
+    from pipelines.artifacts import peak_rss_bytes, write_export_manifest
+
+    if max_positions is not None and max_positions < 1:
+        raise LlmtrtUserError(f"--max-seq must be a positive integer, got {max_positions}")
+    options = ExportOptions(dialect=dialect, opset=opset, max_positions=max_positions)
+    options.resolved_opset()  # reject a bad --ops/--opset pair before any work
+    t0 = time.perf_counter()
+    source = resolve_model(model_spec, seed=seed)
+    kind = f"weights from {source.checkpoint_dir}" if source.is_checkpoint else f"random init, seed {seed}"
+    _progress(f"exporting {source.config.name} ({source.config.num_parameters / 1e6:.1f}M params, {kind}) "
+              f"with --ops {dialect}", quiet=as_json)
+    exported = run_export(source, out_dir, options)
+    stats = {**exported.stats, "peak_rss_bytes": peak_rss_bytes(), "total_seconds": round(time.perf_counter() - t0, 3)}
+    exported = dataclasses.replace(exported, stats=stats)
+    manifest = write_export_manifest(exported, model_spec)
+    summary = {"onnx": str(exported.onnx_path), "manifest": str(manifest), "dialect": dialect,
+               "opset": exported.opset, **stats}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"wrote {exported.onnx_path} (opset {exported.opset}, {dialect} ops) in "
+                   f"{stats['total_seconds']:.1f} s, peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB")
+        click.echo(f"manifest: {manifest}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

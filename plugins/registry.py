@@ -1,0 +1,59 @@
+"""One registry entry per custom op: the torch op, its reference, the ONNX node and function, lowerings.
+
+A new op is a new folder under ``plugins/`` plus one line in ``_OP_MODULES``. Everything else
+(export, dialect passes, TensorRT lowering, tests that sweep the ops) reads this registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import onnx
+
+DOMAIN = "llmtrt"
+DOMAIN_VERSION = 1
+
+# ONNX op type -> module that defines it (folder under plugins/).
+_OP_MODULES = {
+    "RMSNorm": "plugins.rms_norm",
+    "RotaryEmbedding": "plugins.rotary_embedding",
+    "GroupQueryAttention": "plugins.gqa_attention",
+}
+
+
+@dataclass(frozen=True)
+class CustomOp:
+    """Everything llmtrt knows about one custom op."""
+
+    onnx_op: str                                  # op type in the llmtrt domain
+    version: str                                  # semantic version of the op's contract
+    torch_op: Callable                            # torch.ops.llmtrt.<name>.default
+    reference: Callable                           # plain-torch reference implementation
+    translation: Callable                         # onnxscript function for the dynamo exporter
+    function: Callable[[int], onnx.FunctionProto]  # opset -> ONNX local function with exact semantics
+    to_standard: Callable[[onnx.NodeProto], list[onnx.NodeProto]]  # rewrite to opset-23 ops
+    min_standard_opset: int = 23
+
+
+@cache
+def registry() -> dict[str, CustomOp]:
+    """All custom ops, keyed by ONNX op type (importing each op module registers its torch op)."""
+    ops = {}
+    for op_type, module in _OP_MODULES.items():
+        entry = importlib.import_module(module).OP
+        assert entry.onnx_op == op_type, (module, entry.onnx_op)
+        ops[op_type] = entry
+    return ops
+
+
+def translation_table() -> dict:
+    """The dynamo exporter's ``custom_translation_table``: torch op overload -> onnxscript function."""
+    return {op.torch_op: op.translation for op in registry().values()}
+
+
+def functions(opset: int) -> list[onnx.FunctionProto]:
+    """ONNX local functions for every custom op, written against the model's default-domain ``opset``."""
+    return [op.function(opset) for op in registry().values()]

@@ -1,0 +1,67 @@
+"""RMSNorm: y = x / sqrt(mean(x^2, last axis) + eps) * weight, reduced in fp32, no mean subtraction.
+
+Matches transformers' LlamaRMSNorm: the input is upcast to fp32, normalised, cast back to the input
+dtype, then scaled by the weight.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx import helper
+from onnxscript.values import Opset
+
+from plugins.onnx_function import parse_function, reduce_mean_last_axis, register_schema
+from plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
+
+SCHEMA = register_schema(
+    "RMSNorm", __doc__, inputs=[("X", "T"), ("scale", "T")], outputs=[("Y", "T")], attributes={"epsilon": "float"})
+_llmtrt = Opset(DOMAIN, DOMAIN_VERSION)
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon)
+    return weight * normed.to(x.dtype)
+
+
+@torch.library.custom_op("llmtrt::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    return reference(x, weight, epsilon)
+
+
+@rms_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def translation(x, weight, epsilon: float):
+    return _llmtrt.RMSNorm(x, weight, epsilon=epsilon)
+
+
+def function(opset: int) -> onnx.FunctionProto:
+    body = "\n".join([
+        "  xf = Cast <to = 1> (X)",
+        "  sq = Mul (xf, xf)",
+        reduce_mean_last_axis("ms", "sq", opset),
+        "  eps = Constant <value_float: float = @epsilon> ()",
+        "  var = Add (ms, eps)",
+        "  std = Sqrt (var)",
+        "  inv = Reciprocal (std)",
+        "  normed = Mul (xf, inv)",
+        "  normed_t = CastLike (normed, X)",
+        "  Y = Mul (scale, normed_t)",
+    ])
+    return parse_function("RMSNorm", "(X, scale) => (Y)", body, opset, attributes="epsilon")
+
+
+def to_standard(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    eps = next(a.f for a in node.attribute if a.name == "epsilon")
+    return [helper.make_node("RMSNormalization", list(node.input), list(node.output), name=node.name,
+                             axis=-1, epsilon=eps, stash_type=1)]
+
+
+OP = CustomOp(
+    onnx_op="RMSNorm", version="1.0", torch_op=torch.ops.llmtrt.rms_norm.default, reference=reference,
+    translation=translation, function=function, to_standard=to_standard,
+)

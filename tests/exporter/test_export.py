@@ -1,0 +1,141 @@
+"""Exported graphs run in ONNX Runtime (CPU) and match the PyTorch model, in every dialect."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from exporter.config import resolve_model
+from exporter.errors import LlmtrtUserError
+from exporter.onnx_export import ExportOptions, export, export_model
+from exporter.weights import load_model
+from pipelines.artifacts import load_exported, write_export_manifest
+from pipelines.decoding import Batch, empty_cache, prefill_then_decode, ort_stepper, torch_stepper
+
+TOL = 1e-4
+DIALECTS = ("custom", "standard", "decomposed")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return load_model(resolve_model("tiny"))
+
+
+@pytest.fixture(scope="module", params=DIALECTS)
+def exported(request, tmp_path_factory, tiny_model):
+    out = tmp_path_factory.mktemp(request.param)
+    return export_model(tiny_model, out, ExportOptions(dialect=request.param))
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("prompts", [[[7, 8, 9, 10, 11]], [[5, 9, 11, 3, 7, 2], [17, 4], [1, 2, 3, 4]]],
+                         ids=["batch1", "batch3_left_padded"])
+def test_onnxruntime_matches_pytorch(exported, tiny_model, prompts):
+    cfg = tiny_model.config
+    batch = Batch.left_padded(prompts)
+    n = len(prompts)
+    decode = np.arange(4 * n, dtype=np.int64).reshape(n, 4) % cfg.vocab_size + 30
+    cache = empty_cache(cfg.num_hidden_layers, n, cfg.num_key_value_heads, cfg.head_dim)
+    ref = prefill_then_decode(torch_stepper(tiny_model), batch, cache, decode, steps=4)
+    got = prefill_then_decode(ort_stepper(session(exported.onnx_path)), batch, cache, decode, steps=4)
+    valid = batch.attention_mask.astype(bool)
+    assert np.abs(got.logits[0] - ref.logits[0])[valid].max() <= TOL
+    for a, b in zip(got.logits[1:], ref.logits[1:]):
+        assert np.abs(a - b).max() <= TOL
+    # Cache entries of padding tokens are don't-care (runtimes treat fully masked rows differently).
+    keys = np.concatenate([valid, np.ones((n, 4), dtype=bool)], axis=1)
+    for a, b in zip(got.present, ref.present):
+        assert a.shape == b.shape
+        assert np.abs(a - b).transpose(0, 2, 1, 3)[keys].max() <= TOL
+
+
+EXPECTED_OPS = {
+    "custom": {("llmtrt", "RMSNorm"): 5, ("llmtrt", "RotaryEmbedding"): 4, ("llmtrt", "GroupQueryAttention"): 2},
+    "standard": {("", "RMSNormalization"): 5, ("", "RotaryEmbedding"): 4, ("", "Attention"): 2},
+    "decomposed": {("", "Softmax"): 2, ("", "ReduceMean"): 5},
+}
+
+
+def test_graph_io_ops_and_functions(exported):
+    proto = onnx.load(str(exported.onnx_path))
+    inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input}
+    outputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.output}
+    assert inputs["input_ids"] == ["batch", "sequence_length"]
+    assert inputs["attention_mask"] == ["batch", "total_sequence_length"]
+    assert inputs["past_key_values.1.value"] == ["batch", 2, "past_sequence_length", 16]
+    assert outputs["logits"] == ["batch", "sequence_length", 256]
+    assert outputs["present.0.key"] == ["batch", 2, "total_sequence_length", 16]
+    ops = Counter((n.domain, n.op_type) for n in proto.graph.node)
+    for op, count in EXPECTED_OPS[exported.dialect].items():
+        assert ops[op] == count, (op, ops)
+    domains = {n.domain for n in proto.graph.node}
+    if exported.dialect == "custom":
+        assert {f.name for f in proto.functions} == {"RMSNorm", "RotaryEmbedding", "GroupQueryAttention"}
+    else:
+        assert domains == {""} and not proto.functions
+    opset = {o.domain: o.version for o in proto.opset_import}[""]
+    assert opset == {"custom": 18, "standard": 23, "decomposed": 17}[exported.dialect]
+    # Linear weights are named after their module, [in, out].
+    weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    assert weights["model.layers.0.self_attn.q_proj.weight_t"] == (64, 64)
+    assert weights["model.layers.1.mlp.down_proj.weight_t"] == (160, 64)
+
+
+def test_manifest_round_trip(exported):
+    path = write_export_manifest(exported, "tiny")
+    raw = json.loads(path.read_text())
+    assert raw["dialect"] == exported.dialect and len(raw["onnx_sha256"]) == 64
+    assert "torch" in raw["versions"] and "onnx" in raw["versions"]
+    again = load_exported(path.parent)
+    assert again.config == exported.config and again.io == exported.io
+
+
+def test_external_data_round_trip(tmp_path, tiny_model):
+    exp = export_model(tiny_model, tmp_path, ExportOptions(external_data=True))
+    assert (tmp_path / "model.onnx.data").is_file()
+    cfg = tiny_model.config
+    batch = Batch.left_padded([[1, 2, 3]])
+    cache = empty_cache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim)
+    got = prefill_then_decode(ort_stepper(session(exp.onnx_path)), batch, cache)
+    ref = prefill_then_decode(torch_stepper(tiny_model), batch, cache)
+    assert np.abs(got.logits[0] - ref.logits[0]).max() <= TOL
+
+
+def test_hf_checkpoint_export_matches(hf_checkpoint, tmp_path):
+    ckpt = hf_checkpoint(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
+    source = resolve_model(str(ckpt))
+    exp = export(source, tmp_path / "out")
+    model = load_model(source)
+    cfg = source.config
+    batch = Batch.left_padded([[4, 5, 6, 7], [8, 9]])
+    cache = empty_cache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
+    got = prefill_then_decode(ort_stepper(session(exp.onnx_path)), batch, cache, steps=3)
+    ref = prefill_then_decode(torch_stepper(model), batch, cache, steps=3)
+    assert all(np.abs(a - b)[..., :].max() <= TOL for a, b in zip(got.logits[1:], ref.logits[1:]))
+
+
+def test_bad_opset_and_unwritable_out(tmp_path, tiny_model):
+    with pytest.raises(LlmtrtUserError, match="needs opset >= 23"):
+        export_model(tiny_model, tmp_path, ExportOptions(dialect="standard", opset=18))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LlmtrtUserError, match="cannot create the directory"):
+        export_model(tiny_model, blocker / "sub", ExportOptions())
+
+
+def test_failed_export_leaves_no_model_behind(tmp_path, tiny_model, monkeypatch):
+    import exporter.onnx_export as onnx_export
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash while saving")
+
+    monkeypatch.setattr(onnx_export.onnx, "save_model", boom)
+    with pytest.raises(RuntimeError):
+        export_model(tiny_model, tmp_path, ExportOptions())
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,88 @@
+"""The reference model matches transformers' LlamaForCausalLM on the same weights (fp32, <= 1e-4).
+
+Prefill of a left-padded batch, then cached decode steps, on random-init checkpoints saved with
+save_pretrained: kv_heads=1 (MQA), kv_heads=heads (MHA), 9 heads / 3 KV heads, an explicit
+head_dim, llama3 and linear rope scaling, tied embeddings.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.config import resolve_model
+from exporter.weights import load_model
+from pipelines.decoding import Batch, empty_cache, prefill_then_decode, torch_stepper
+
+TOL = 1e-4
+
+SHAPES = {
+    "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "9h3kv": dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3),
+    "head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "llama3_rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                        rope_theta=500000.0),
+    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "tied": dict(tie_word_embeddings=True),
+}
+
+PROMPTS = [[5, 9, 11, 3, 7, 2, 60, 61], [17, 4, 99], [1, 2, 3, 4, 5, 6]]
+DECODE = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3], [5, 8, 9, 7, 9]], dtype=np.int64)
+
+
+def hf_cached_logits(hf, batch: Batch, decode_tokens: np.ndarray) -> list[np.ndarray]:
+    ids, mask, pos = (torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.position_ids))
+    out = []
+    with torch.no_grad():
+        res = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out.append(res.logits.numpy())
+        past = res.past_key_values
+        last_pos = pos[:, -1:]
+        for i in range(decode_tokens.shape[1]):
+            tok = torch.from_numpy(decode_tokens[:, i:i + 1])
+            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+            last_pos = last_pos + 1
+            res = hf(input_ids=tok, attention_mask=mask, position_ids=last_pos, past_key_values=past, use_cache=True)
+            out.append(res.logits.numpy())
+            past = res.past_key_values
+    return out
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_logits_match_transformers(hf_checkpoint, shape):
+    from transformers import LlamaForCausalLM
+
+    ckpt = hf_checkpoint(shape, **SHAPES[shape])
+    hf = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
+    source = resolve_model(str(ckpt))
+    cfg = source.config
+    model = load_model(source)
+    batch = Batch.left_padded(PROMPTS)
+    ours = prefill_then_decode(torch_stepper(model), batch,
+                               empty_cache(cfg.num_hidden_layers, 3, cfg.num_key_value_heads, cfg.head_dim),
+                               DECODE, steps=DECODE.shape[1])
+    theirs = hf_cached_logits(hf, batch, DECODE)
+    valid = batch.attention_mask.astype(bool)
+    prefill_err = np.abs(ours.logits[0] - theirs[0])[valid].max()
+    decode_err = max(np.abs(a - b).max() for a, b in zip(ours.logits[1:], theirs[1:]))
+    assert prefill_err <= TOL, f"prefill max abs {prefill_err:.3g}"
+    assert decode_err <= TOL, f"decode max abs {decode_err:.3g}"
+    # And the check can fail: a different checkpoint's logits are far off.
+    assert np.abs(ours.logits[0] - theirs[0] * 1.01)[valid].max() > TOL
+
+
+def test_kv_cache_consistency_prefill_plus_decode_equals_full_forward():
+    source = resolve_model("tiny")
+    cfg = source.config
+    model = load_model(source)
+    step = torch_stepper(model)
+    full = Batch.left_padded([[3, 4, 5, 6, 7, 8, 9, 10]])
+    one_shot, _ = step(full.input_ids, full.position_ids, full.attention_mask,
+                       empty_cache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim))
+    prefix = Batch.left_padded([[3, 4, 5]])
+    res = prefill_then_decode(step, prefix, empty_cache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim),
+                              np.array([[6, 7, 8, 9, 10]]), steps=5)
+    stepped = np.concatenate(res.logits, axis=1)
+    assert stepped.shape == one_shot.shape
+    np.testing.assert_allclose(stepped, one_shot, atol=1e-5, rtol=0)

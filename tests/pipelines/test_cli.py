@@ -1,0 +1,56 @@
+"""The CLI: every command's --help, the export command end to end, user errors exit 2 with one line."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import main
+
+
+def commands():
+    return sorted(main.commands)
+
+
+def test_top_level_help():
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0
+    for name in commands():
+        assert name in res.output
+
+
+@pytest.mark.parametrize("name", commands())
+def test_every_command_has_help(name):
+    res = CliRunner().invoke(main, [name, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Usage:" in res.output and len(res.output.splitlines()) > 5
+
+
+def test_export_json(tmp_path):
+    res = CliRunner().invoke(main, ["export", "--model", "tiny", "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["dialect"] == "custom" and summary["opset"] == 18
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "manifest.json").is_file()
+    assert summary["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-preset"], "no such directory or preset"),
+    (["--model", "tiny", "--ops", "standard", "--opset", "18"], "needs opset >= 23"),
+    (["--model", "tiny", "--max-seq", "0"], "--max-seq must be a positive integer"),
+])
+def test_export_user_errors(tmp_path, args, message):
+    res = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2
+    assert message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "model.onnx").exists()
+
+
+def test_wrong_architecture(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    res = CliRunner().invoke(main, ["export", "--model", str(ckpt), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "GPT2LMHeadModel is not supported" in res.stderr
