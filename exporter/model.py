@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import plugins.gqa_attention  # noqa: F401  (registers torch.ops.llmtrt.*)
+import plugins.gqa_attention_static  # noqa: F401
 import plugins.rms_norm  # noqa: F401
 import plugins.rotary_embedding  # noqa: F401
 from exporter.config import ModelConfig
@@ -60,6 +61,16 @@ def causal_mask(attention_mask: Tensor, seq_len: int, dtype: torch.dtype) -> Ten
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
+def static_causal_mask(attention_mask: Tensor, write_indices: Tensor, seq_len: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask [batch, 1, seq, max_cache_len] for a fixed-size cache written at ``write_indices``:
+    query i of sequence b sits in slot write_indices[b] + i and sees slots up to it that are not padding."""
+    max_len = attention_mask.shape[1]
+    query_slot = write_indices[:, None] + torch.arange(seq_len, device=attention_mask.device)  # [batch, seq]
+    key_slot = torch.arange(max_len, device=attention_mask.device)
+    allowed = (key_slot[None, None, :] <= query_slot[:, :, None])[:, None] & attention_mask[:, None, None, :].bool()
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -84,15 +95,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
 
     def forward(self, x: Tensor, position_ids: Tensor, mask: Tensor, cos: Tensor, sin: Tensor,
-                past_key: Tensor, past_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                past_key: Tensor, past_value: Tensor, write_indices: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
         q = ops.rotary_embedding(q, position_ids, cos, sin)
         k = ops.rotary_embedding(k, position_ids, cos, sin)
-        y, present_key, present_value = ops.gqa_attention(
-            q, k, v, mask, past_key, past_value, self.num_heads, self.kv_num_heads, self.scale)
+        if write_indices is None:  # growing cache: present = concat(past, new)
+            y, present_key, present_value = ops.gqa_attention(
+                q, k, v, mask, past_key, past_value, self.num_heads, self.kv_num_heads, self.scale)
+        else:  # fixed-size cache updated in place at write_indices
+            y, present_key, present_value = ops.gqa_attention_static(
+                q, k, v, mask, past_key, past_value, write_indices, self.num_heads, self.kv_num_heads, self.scale)
         y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(y), present_key, present_value
 
@@ -119,9 +135,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, position_ids: Tensor, mask: Tensor, cos: Tensor, sin: Tensor,
-                past_key: Tensor, past_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                past_key: Tensor, past_value: Tensor, write_indices: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
         h, present_key, present_value = self.self_attn(
-            self.input_layernorm(x), position_ids, mask, cos, sin, past_key, past_value)
+            self.input_layernorm(x), position_ids, mask, cos, sin, past_key, past_value, write_indices)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present_key, present_value
@@ -145,14 +162,25 @@ class LlamaDecoder(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
-                past_key_values: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Logits [batch, seq, vocab] and present [k0, v0, k1, v1, ...], each [batch, kv_heads, past+seq, d]."""
+                past_key_values: list[Tensor], write_indices: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Logits [batch, seq, vocab] and present [k0, v0, k1, v1, ...].
+
+        Growing cache (``write_indices`` None): past is [batch, kv_heads, past, d], attention_mask
+        [batch, past + seq], present [batch, kv_heads, past + seq, d].
+        Static cache: past is the whole [batch, kv_heads, max_cache_len, d] cache, attention_mask
+        [batch, max_cache_len] marks filled slots (the new tokens' slots included), the new rows are
+        written at slots write_indices[b] + i, and present is the updated cache.
+        """
         x = self.model.embed_tokens(input_ids)
-        mask = causal_mask(attention_mask, input_ids.shape[1], x.dtype)
+        seq = input_ids.shape[1]
+        if write_indices is None:
+            mask = causal_mask(attention_mask, seq, x.dtype)
+        else:
+            mask = static_causal_mask(attention_mask, write_indices, seq, x.dtype)
         present: list[Tensor] = []
         for i, layer in enumerate(self.model.layers):
             x, k, v = layer(x, position_ids, mask, self.rope_cos, self.rope_sin,
-                            past_key_values[2 * i], past_key_values[2 * i + 1])
+                            past_key_values[2 * i], past_key_values[2 * i + 1], write_indices)
             present += [k, v]
         logits = self.lm_head(self.model.norm(x)).float()
         return logits, present

@@ -22,7 +22,7 @@ import torch
 from exporter import dialects
 from exporter.config import ModelConfig, ModelSource
 from exporter.errors import LlmtrtUserError
-from exporter.iospec import IOSpec, io_spec
+from exporter.iospec import KV_CACHE_LAYOUTS, IOSpec, io_spec
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -35,13 +35,20 @@ class ExportOptions:
     opset: int | None = None  # None: the dialect's default
     max_positions: int | None = None  # rotary table length; None: config.max_position_embeddings
     external_data: bool | None = None  # None: only when the weights are over 1 GiB
+    kv_cache: str = "dynamic"  # "dynamic": past in, past+seq out; "static": fixed-size cache + write_indices
 
     def resolved_opset(self) -> int:
         spec = dialects.get(self.dialect)
-        opset = self.opset or spec.default_opset
-        if opset < spec.min_opset:
+        if self.kv_cache not in KV_CACHE_LAYOUTS:
+            raise LlmtrtUserError(f"--kv-cache {self.kv_cache!r} is not a layout; use one of {', '.join(KV_CACHE_LAYOUTS)}")
+        min_opset = spec.min_opset
+        if self.dialect == "standard" and self.kv_cache == "static":
+            min_opset = 24  # TensorScatter
+        opset = self.opset or max(spec.default_opset, min_opset)
+        if opset < min_opset:
             raise LlmtrtUserError(
-                f"--opset {opset} is too old for --ops {self.dialect}; it needs opset >= {spec.min_opset}")
+                f"--opset {opset} is too old for --ops {self.dialect} --kv-cache {self.kv_cache}; "
+                f"it needs opset >= {min_opset}")
         if opset > dialects.MAX_OPSET:
             raise LlmtrtUserError(f"--opset {opset} is newer than the installed onnx supports ({dialects.MAX_OPSET})")
         return opset
@@ -57,21 +64,35 @@ class ExportedModel:
     dialect: str
     opset: int
     stats: dict = field(default_factory=dict)
+    kv_cache: str = "dynamic"
 
 
-def _sample_inputs(model, batch: int = 2, seq: int = 3, past: int = 4):
+def _sample_inputs(model, kv_cache: str, batch: int = 2, seq: int = 3, past: int = 4, max_len: int = 9):
     # Sizes > 1 and distinct, so torch.export keeps every dynamic dimension symbolic.
     c = model.config
     input_ids = torch.zeros(batch, seq, dtype=torch.int64)
     position_ids = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous()
-    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
-    cache = [torch.zeros(batch, c.num_key_value_heads, past, c.head_dim) for _ in range(2 * c.num_hidden_layers)]
+    cache_len = max_len if kv_cache == "static" else past
+    mask_len = max_len if kv_cache == "static" else past + seq
+    attention_mask = torch.ones(batch, mask_len, dtype=torch.int64)
+    cache = [torch.zeros(batch, c.num_key_value_heads, cache_len, c.head_dim) for _ in range(2 * c.num_hidden_layers)]
+    if kv_cache == "static":
+        return input_ids, position_ids, attention_mask, cache, torch.full((batch,), past, dtype=torch.int64)
     return input_ids, position_ids, attention_mask, cache
 
 
-def _dynamic_shapes(n_cache: int):
+def _dynamic_shapes(n_cache: int, kv_cache: str):
     dim = torch.export.Dim
     batch, seq = dim("batch"), dim("sequence_length")
+    if kv_cache == "static":
+        max_len = dim("max_cache_length")
+        return {
+            "input_ids": {0: batch, 1: seq},
+            "position_ids": {0: batch, 1: seq},
+            "attention_mask": {0: batch, 1: max_len},
+            "past_key_values": [{0: batch, 2: max_len}] * n_cache,
+            "write_indices": {0: batch},
+        }
     past, total = dim("past_sequence_length"), dim("total_sequence_length")
     return {
         "input_ids": {0: batch, 1: seq},
@@ -81,16 +102,16 @@ def _dynamic_shapes(n_cache: int):
     }
 
 
-def capture(model) -> onnx.ModelProto:
+def capture(model, kv_cache: str = "dynamic") -> onnx.ModelProto:
     """Run the dynamo exporter with the custom translation table; returns the graph with llmtrt nodes
     (no function bodies yet) at ``dialects.CAPTURE_OPSET``."""
     from plugins.registry import translation_table
 
-    io = io_spec(model.config)
-    args = _sample_inputs(model)
+    io = io_spec(model.config, kv_cache)
+    args = _sample_inputs(model, kv_cache)
     with warnings_quiet():
         program = torch.onnx.export(
-            model, args, dynamo=True, dynamic_shapes=_dynamic_shapes(len(args[3])),
+            model, args, dynamo=True, dynamic_shapes=_dynamic_shapes(len(args[3]), kv_cache),
             custom_translation_table=translation_table(), input_names=io.input_names,
             output_names=io.output_names, opset_version=dialects.CAPTURE_OPSET, optimize=True, verbose=False,
         )
@@ -112,7 +133,7 @@ def warnings_quiet():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lv in zip(loggers, levels):
+        for lg, lv in zip(loggers, levels, strict=False):
             lg.setLevel(lv)
 
 
@@ -123,16 +144,16 @@ def export_model(model, out_dir: str | Path, options: ExportOptions = ExportOpti
     _check_writable(out_dir)
     t0 = time.perf_counter()
     with torch.no_grad():
-        proto = capture(model)
+        proto = capture(model, options.kv_cache)
     proto = dialects.finalize(proto, model.config, options.dialect, opset)
-    io = io_spec(model.config)
+    io = io_spec(model.config, options.kv_cache)
     io.apply_dim_names(proto)
     onnx.checker.check_model(proto, full_check=False)
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     external = options.external_data if options.external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     onnx_path = write_atomically(proto, out_dir, external)
     stats = {"export_seconds": round(time.perf_counter() - t0, 3), "weights_bytes": size, "external_data": external}
-    return ExportedModel(onnx_path, model.config, io, options.dialect, opset, stats)
+    return ExportedModel(onnx_path, model.config, io, options.dialect, opset, stats, options.kv_cache)
 
 
 def _check_writable(out_dir: Path) -> None:

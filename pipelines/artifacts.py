@@ -80,6 +80,7 @@ def write_export_manifest(exported: ExportedModel, source_spec: str, extra: dict
         "onnx": exported.onnx_path.name,
         "onnx_sha256": onnx_sha256(exported.onnx_path),
         "dialect": exported.dialect,
+        "kv_cache": exported.kv_cache,
         "opset": exported.opset,
         "precision": "fp32",
         "config": exported.config.to_dict(),
@@ -112,4 +113,4 @@ def load_exported(directory: str | Path) -> ExportedModel:
     if not onnx_path.is_file():
         raise LlmtrtUserError(f"{onnx_path}: listed in {MANIFEST} but missing; re-run `llmtrt export`")
     return ExportedModel(onnx_path, ModelConfig(**cfg), IOSpec.from_dict(raw["io"]), raw["dialect"],
-                         raw["opset"], raw.get("stats", {}))
+                         raw["opset"], raw.get("stats", {}), raw.get("kv_cache", "dynamic"))

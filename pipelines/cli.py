@@ -69,11 +69,15 @@ def main() -> None:
 @click.option("--max-seq", "max_positions", type=int, default=None,
               help="Longest sequence (past + new tokens) the graph supports; sizes the rotary tables. "
                    "Default: the model's max_position_embeddings.")
+@click.option("--kv-cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="dynamic: past_key_values.* [batch, kv_heads, past, head_dim] in, present.* (past+seq) out "
+                   "(ONNX Runtime); static: a fixed-size cache [batch, kv_heads, max_cache_length, head_dim] "
+                   "updated in place at per-sequence write_indices [batch] (TensorRT's KV-cache update).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for presets without weights (random init).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary.")
 @user_errors
 def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_positions: int | None,
-           seed: int, as_json: bool) -> None:
+           kv_cache: str, seed: int, as_json: bool) -> None:
     """Export a model to DIR/model.onnx plus DIR/manifest.json.
 
     \b
@@ -86,6 +90,7 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
     Examples:
       llmtrt export --model tiny --out out/tiny
       llmtrt export --model ./Llama-3.2-1B --out out/llama --ops standard
+      llmtrt export --model bytes-llama --out out/static --kv-cache static --ops standard
     """
     from exporter.config import resolve_model
     from exporter.onnx_export import ExportOptions
@@ -94,7 +99,7 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
 
     if max_positions is not None and max_positions < 1:
         raise LlmtrtUserError(f"--max-seq must be a positive integer, got {max_positions}")
-    options = ExportOptions(dialect=dialect, opset=opset, max_positions=max_positions)
+    options = ExportOptions(dialect=dialect, opset=opset, max_positions=max_positions, kv_cache=kv_cache)
     options.resolved_opset()  # reject a bad --ops/--opset pair before any work
     t0 = time.perf_counter()
     source = resolve_model(model_spec, seed=seed)
@@ -106,7 +111,7 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
     exported = dataclasses.replace(exported, stats=stats)
     manifest = write_export_manifest(exported, model_spec)
     summary = {"onnx": str(exported.onnx_path), "manifest": str(manifest), "dialect": dialect,
-               "opset": exported.opset, **stats}
+               "kv_cache": kv_cache, "opset": exported.opset, **stats}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -114,6 +119,22 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
                    f"{stats['total_seconds']:.1f} s, peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB")
         click.echo(f"manifest: {manifest}")
 
+
+# Each stage's command lives in its own module and attaches itself to ``main`` on import.
+_COMMAND_MODULES = ("pipelines.cli_build", "pipelines.cli_precision", "pipelines.cli_validate",
+                    "pipelines.cli_generate", "pipelines.cli_pipeline")
+
+
+def _load_commands() -> None:
+    import importlib
+    import importlib.util
+
+    for module in _COMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:  # stages not installed in this tree are absent
+            importlib.import_module(module)
+
+
+_load_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

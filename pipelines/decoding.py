@@ -97,11 +97,65 @@ def ort_stepper(session) -> Stepper:
     cache_names = [n for n in names if n.startswith("past_key_values.")]
     dtypes = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
 
-    def step(input_ids, position_ids, attention_mask, past):
+    def step(input_ids, position_ids, attention_mask, past, write_indices=None):
         feeds = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
-        feeds.update({n: p.astype(dtypes[n], copy=False) for n, p in zip(cache_names, past)})
+        feeds.update({n: p.astype(dtypes[n], copy=False) for n, p in zip(cache_names, past, strict=False)})
+        if write_indices is not None:
+            feeds["write_indices"] = write_indices
         outs = session.run(None, feeds)
         return outs[0], outs[1:]
+
+    return step
+
+
+StaticStepper = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Cache], tuple[np.ndarray, Cache]]
+
+
+def static_cache_adapter(step: StaticStepper, max_cache_len: int) -> Stepper:
+    """Run a static-cache graph behind the growing-cache interface, so the same loop and checks apply.
+
+    Each call lays ``past`` into a zeroed [batch, kv_heads, max_cache_len, head_dim] cache, marks the
+    filled slots in a max_cache_len attention mask, writes the new rows at slot ``past`` (left
+    padding keeps every row aligned) and returns the first past + seq slots of the updated cache.
+    """
+
+    def adapted(input_ids, position_ids, attention_mask, past):
+        batch, seq = input_ids.shape
+        total = attention_mask.shape[1]
+        if total > max_cache_len:
+            raise ValueError(f"{total} tokens do not fit a static cache of {max_cache_len}")
+        cache = []
+        for p in past:
+            full = np.zeros((*p.shape[:2], max_cache_len, p.shape[3]), dtype=p.dtype)
+            full[:, :, : p.shape[2]] = p
+            cache.append(full)
+        mask = np.zeros((batch, max_cache_len), dtype=np.int64)
+        mask[:, :total] = attention_mask
+        write_indices = np.full((batch,), total - seq, dtype=np.int64)
+        logits, present = step(input_ids, position_ids, mask, write_indices, cache)
+        return logits, [c[:, :, :total] for c in present]
+
+    return adapted
+
+
+def torch_static_stepper(model) -> StaticStepper:
+    import torch
+
+    def step(input_ids, position_ids, attention_mask, write_indices, cache):
+        with torch.no_grad():
+            logits, present = model(torch.from_numpy(input_ids), torch.from_numpy(position_ids),
+                                    torch.from_numpy(attention_mask), [torch.from_numpy(c) for c in cache],
+                                    torch.from_numpy(write_indices))
+        return logits.numpy(), [p.numpy() for p in present]
+
+    return step
+
+
+def ort_static_stepper(session) -> StaticStepper:
+    dynamic = ort_stepper(session)
+
+    def step(input_ids, position_ids, attention_mask, write_indices, cache):
+        return dynamic(input_ids, position_ids, attention_mask, cache, write_indices=write_indices)
 
     return step
 

@@ -21,6 +21,7 @@ _OP_MODULES = {
     "RMSNorm": "plugins.rms_norm",
     "RotaryEmbedding": "plugins.rotary_embedding",
     "GroupQueryAttention": "plugins.gqa_attention",
+    "GroupQueryAttentionStatic": "plugins.gqa_attention_static",
 }
 
 

@@ -13,7 +13,7 @@ from exporter.errors import LlmtrtUserError
 from exporter.onnx_export import ExportOptions, export, export_model
 from exporter.weights import load_model
 from pipelines.artifacts import load_exported, write_export_manifest
-from pipelines.decoding import Batch, empty_cache, prefill_then_decode, ort_stepper, torch_stepper
+from pipelines.decoding import Batch, empty_cache, ort_stepper, prefill_then_decode, torch_stepper
 
 TOL = 1e-4
 DIALECTS = ("custom", "standard", "decomposed")
@@ -46,11 +46,11 @@ def test_onnxruntime_matches_pytorch(exported, tiny_model, prompts):
     got = prefill_then_decode(ort_stepper(session(exported.onnx_path)), batch, cache, decode, steps=4)
     valid = batch.attention_mask.astype(bool)
     assert np.abs(got.logits[0] - ref.logits[0])[valid].max() <= TOL
-    for a, b in zip(got.logits[1:], ref.logits[1:]):
+    for a, b in zip(got.logits[1:], ref.logits[1:], strict=False):
         assert np.abs(a - b).max() <= TOL
     # Cache entries of padding tokens are don't-care (runtimes treat fully masked rows differently).
     keys = np.concatenate([valid, np.ones((n, 4), dtype=bool)], axis=1)
-    for a, b in zip(got.present, ref.present):
+    for a, b in zip(got.present, ref.present, strict=False):
         assert a.shape == b.shape
         assert np.abs(a - b).transpose(0, 2, 1, 3)[keys].max() <= TOL
 
@@ -117,7 +117,7 @@ def test_hf_checkpoint_export_matches(hf_checkpoint, tmp_path):
     cache = empty_cache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
     got = prefill_then_decode(ort_stepper(session(exp.onnx_path)), batch, cache, steps=3)
     ref = prefill_then_decode(torch_stepper(model), batch, cache, steps=3)
-    assert all(np.abs(a - b)[..., :].max() <= TOL for a, b in zip(got.logits[1:], ref.logits[1:]))
+    assert all(np.abs(a - b)[..., :].max() <= TOL for a, b in zip(got.logits[1:], ref.logits[1:], strict=False))
 
 
 def test_bad_opset_and_unwritable_out(tmp_path, tiny_model):
@@ -139,3 +139,30 @@ def test_failed_export_leaves_no_model_behind(tmp_path, tiny_model, monkeypatch)
     with pytest.raises(RuntimeError):
         export_model(tiny_model, tmp_path, ExportOptions())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_static_kv_cache_matches_growing_cache(tmp_path, tiny_model, dialect):
+    """--kv-cache static: same logits as the PyTorch model, prefill + decode, left-padded batch of 3."""
+    from pipelines.decoding import ort_static_stepper, static_cache_adapter, torch_static_stepper
+
+    exp = export_model(tiny_model, tmp_path, ExportOptions(dialect=dialect, kv_cache="static"))
+    proto = onnx.load(str(exp.onnx_path))
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input}
+    assert dims["past_key_values.0.key"] == ["batch", 2, "max_cache_length", 16]
+    assert dims["write_indices"] == ["batch"]
+    if dialect == "standard":
+        assert sum(n.op_type == "TensorScatter" for n in proto.graph.node) == 4
+    cfg = tiny_model.config
+    prompts = [[5, 9, 11, 3, 7, 2], [17, 4], [1, 2, 3, 4]]
+    batch = Batch.left_padded(prompts)
+    decode = np.array([[3, 1, 4, 1], [5, 9, 2, 6], [5, 3, 5, 8]], dtype=np.int64)
+    cache = empty_cache(cfg.num_hidden_layers, 3, cfg.num_key_value_heads, cfg.head_dim)
+    ref = prefill_then_decode(torch_stepper(tiny_model), batch, cache, decode, steps=4)
+    eager = prefill_then_decode(static_cache_adapter(torch_static_stepper(tiny_model), 16), batch, cache, decode, 4)
+    got = prefill_then_decode(static_cache_adapter(ort_static_stepper(session(exp.onnx_path)), 16),
+                              batch, cache, decode, steps=4)
+    valid = batch.attention_mask.astype(bool)
+    for res in (eager, got):
+        assert np.abs(res.logits[0] - ref.logits[0])[valid].max() <= TOL
+        assert max(np.abs(a - b).max() for a, b in zip(res.logits[1:], ref.logits[1:], strict=False)) <= TOL

@@ -1,0 +1,124 @@
+"""Grouped-query attention on a fixed-size KV cache, updated in place at per-sequence write indices.
+
+The cache is [batch, kv_heads, max_cache_len, head_dim]. The new K/V rows of sequence b are written
+at slots write_indices[b] .. write_indices[b] + seq - 1 (ONNX opset-24 TensorScatter semantics,
+TensorRT's KV_CACHE_UPDATE), then attention runs over all max_cache_len slots with the additive
+``attn_mask`` [batch, 1, seq, max_cache_len] hiding empty, future and padding slots. Outputs the
+attention result and the updated caches, which a runtime can alias to the inputs (no per-step
+concatenation copies). Semantics are otherwise those of GroupQueryAttention.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx import helper
+from onnxscript.values import Opset
+
+from plugins.onnx_function import parse_function, register_schema
+from plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
+
+SCHEMA = register_schema(
+    "GroupQueryAttentionStatic", __doc__,
+    inputs=[("Q", "T"), ("K", "T"), ("V", "T"), ("attn_mask", "T"), ("key_cache", "T"), ("value_cache", "T"),
+            ("write_indices", "tensor(int64)")],
+    outputs=[("Y", "T"), ("present_key", "T"), ("present_value", "T")],
+    attributes={"q_num_heads": "int", "kv_num_heads": "int", "scale": "float"})
+_llmtrt = Opset(DOMAIN, DOMAIN_VERSION)
+
+
+def scatter_cache(cache: torch.Tensor, new: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:
+    """cache[b, :, write_indices[b] + s] = new[b, :, s] (out of place)."""
+    slots = write_indices[:, None] + torch.arange(new.shape[2], device=new.device)  # [batch, seq]
+    index = slots[:, None, :, None].expand_as(new)
+    return cache.scatter(2, index, new)
+
+
+def reference(q, k, v, attn_mask, key_cache, value_cache, write_indices, q_num_heads: int, kv_num_heads: int,
+              scale: float):
+    present_key = scatter_cache(key_cache, k, write_indices)
+    present_value = scatter_cache(value_cache, v, write_indices)
+    groups = q_num_heads // kv_num_heads
+    keys = present_key.repeat_interleave(groups, dim=1)
+    values = present_value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, keys.transpose(2, 3)) * scale + attn_mask.to(q.dtype)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, values), present_key, present_value
+
+
+@torch.library.custom_op("llmtrt::gqa_attention_static", mutates_args=())
+def gqa_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                         key_cache: torch.Tensor, value_cache: torch.Tensor, write_indices: torch.Tensor,
+                         q_num_heads: int, kv_num_heads: int, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference(q, k, v, attn_mask, key_cache, value_cache, write_indices, q_num_heads, kv_num_heads, scale)
+
+
+@gqa_attention_static.register_fake
+def _(q, k, v, attn_mask, key_cache, value_cache, write_indices, q_num_heads, kv_num_heads, scale):
+    return torch.empty_like(q), torch.empty_like(key_cache), torch.empty_like(value_cache)
+
+
+def translation(q, k, v, attn_mask, key_cache, value_cache, write_indices, q_num_heads: int, kv_num_heads: int,
+                scale: float):
+    return _llmtrt.GroupQueryAttentionStatic(
+        q, k, v, attn_mask, key_cache, value_cache, write_indices,
+        q_num_heads=q_num_heads, kv_num_heads=kv_num_heads, scale=scale, _num_outputs=3,
+    )
+
+
+def function(opset: int) -> onnx.FunctionProto:
+    # Attention over the updated cache is GroupQueryAttention with the cache as "past" and no new rows.
+    body = """
+  seq_shape = Shape <start = 2, end = 3> (K)
+  seq = Squeeze (seq_shape)
+  zero_s = Constant <value_int = 0> ()
+  one_s = Constant <value_int = 1> ()
+  steps = Range (zero_s, seq, one_s)
+  one = Constant <value_ints = [1]> ()
+  wi2 = Unsqueeze (write_indices, one)
+  slots = Add (wi2, steps)
+  axes13 = Constant <value_ints = [1, 3]> ()
+  slots4 = Unsqueeze (slots, axes13)
+  k_shape = Shape (K)
+  k_idx = Expand (slots4, k_shape)
+  present_key = ScatterElements <axis = 2> (key_cache, k_idx, K)
+  v_shape = Shape (V)
+  v_idx = Expand (slots4, v_shape)
+  present_value = ScatterElements <axis = 2> (value_cache, v_idx, V)
+  zero = Constant <value_ints = [0]> ()
+  two = Constant <value_ints = [2]> ()
+  no_k = Slice (K, zero, zero, two)
+  no_v = Slice (V, zero, zero, two)
+  Y, unused_k, unused_v = llmtrt.GroupQueryAttention <q_num_heads: int = @q_num_heads, kv_num_heads: int = @kv_num_heads, scale: float = @scale> (Q, no_k, no_v, attn_mask, present_key, present_value)
+"""
+    fn = parse_function(
+        "GroupQueryAttentionStatic",
+        "(Q, K, V, attn_mask, key_cache, value_cache, write_indices) => (Y, present_key, present_value)",
+        body, opset, attributes="q_num_heads, kv_num_heads, scale",
+    )
+    fn.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return fn
+
+
+def to_standard(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """Opset-24 TensorScatter writes the rows; Attention (no past inputs) reads the whole cache."""
+    q, k, v, mask, key_cache, value_cache, write_indices = node.input
+    y, present_key, present_value = node.output
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return [
+        helper.make_node("TensorScatter", [key_cache, k, write_indices], [present_key], name=node.name + "/key_update",
+                         axis=2, mode="linear"),
+        helper.make_node("TensorScatter", [value_cache, v, write_indices], [present_value],
+                         name=node.name + "/value_update", axis=2, mode="linear"),
+        helper.make_node("Attention", [q, present_key, present_value, mask], [y], name=node.name,
+                         q_num_heads=attrs["q_num_heads"], kv_num_heads=attrs["kv_num_heads"], scale=attrs["scale"],
+                         softmax_precision=onnx.TensorProto.FLOAT),
+    ]
+
+
+OP = CustomOp(
+    onnx_op="GroupQueryAttentionStatic", version="1.0", torch_op=torch.ops.llmtrt.gqa_attention_static.default,
+    reference=reference, translation=translation, function=function, to_standard=to_standard,
+    min_standard_opset=24,
+)
