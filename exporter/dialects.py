@@ -34,10 +34,20 @@ class Dialect:
 
 
 def _custom(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    from plugins.registry import functions
+    """Attach the local function of every custom op the graph uses (and of ops those functions call)."""
+    from plugins.registry import DOMAIN, functions
 
+    available = {f.name: f for f in functions(opset)}
+    pending = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
+    used: dict[str, onnx.FunctionProto] = {}
+    while pending:
+        name = pending.pop()
+        if name in used:
+            continue
+        used[name] = available[name]
+        pending.extend(n.op_type for n in used[name].node if n.domain == DOMAIN)
     del proto.functions[:]
-    proto.functions.extend(functions(opset))
+    proto.functions.extend(used[name] for name in sorted(used))
     return proto
 
 

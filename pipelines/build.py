@@ -79,7 +79,7 @@ def _needs(dtype: int, label: str):
         if dtype in facts.float_types:
             return None
         return (f"--precision {label} asked for, but the ONNX graph has no {label} tensors (engines are strongly "
-                f"typed, so this would be an fp32 engine); run `llmtrt precision --to {label}` on it first")
+                f"typed, so this would be an fp32 engine); run `llmtrt quantize --to {label}` on it first")
     return check
 
 
@@ -96,7 +96,7 @@ def _quantized(label: str):
         if facts.has_qdq:
             return None
         return (f"--precision {label} needs QuantizeLinear/DequantizeLinear nodes in the graph; "
-                f"run `llmtrt precision --to {label}` on it first")
+                f"run `llmtrt quantize --to {label}` on it first")
     return check
 
 

@@ -122,7 +122,7 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
 
 # Each stage's command lives in its own module and attaches itself to ``main`` on import.
 _COMMAND_MODULES = ("pipelines.cli_build", "pipelines.cli_precision", "pipelines.cli_validate",
-                    "pipelines.cli_generate", "pipelines.cli_pipeline")
+                    "pipelines.cli_compare", "pipelines.cli_generate", "pipelines.cli_pipeline")
 
 
 def _load_commands() -> None:

@@ -133,7 +133,7 @@ def test_gqa_groups_share_kv_heads_in_order():
 
 def test_registry_is_complete():
     ops = registry()
-    assert set(ops) == {"RMSNorm", "RotaryEmbedding", "GroupQueryAttention"}
+    assert set(ops) == {"RMSNorm", "RotaryEmbedding", "GroupQueryAttention", "GroupQueryAttentionStatic"}
     for op in ops.values():
         fn = op.function(18)
         assert fn.domain == DOMAIN and fn.name == op.onnx_op
