@@ -148,7 +148,6 @@ def export_model(model, out_dir: str | Path, options: ExportOptions = ExportOpti
     proto = dialects.finalize(proto, model.config, options.dialect, opset)
     io = io_spec(model.config, options.kv_cache)
     io.apply_dim_names(proto)
-    onnx.checker.check_model(proto, full_check=False)
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     external = options.external_data if options.external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     onnx_path = write_atomically(proto, out_dir, external)
@@ -172,9 +171,15 @@ def write_atomically(proto: onnx.ModelProto, out_dir: Path, external: bool) -> P
         if external:
             onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=DATA_FILE, size_threshold=1024)
-            os.replace(tmp / DATA_FILE, out_dir / DATA_FILE)
         else:
             onnx.save_model(proto, tmp / MODEL_FILE)
+        # Checked from the file: an in-memory proto over 2 GB cannot be serialized for the checker.
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)
+        for written in tmp.iterdir():
+            os.chmod(written, 0o644)
+        if external:
+            os.replace(tmp / DATA_FILE, out_dir / DATA_FILE)
+        else:
             with contextlib.suppress(FileNotFoundError):
                 (out_dir / DATA_FILE).unlink()
         os.replace(tmp / MODEL_FILE, out_dir / MODEL_FILE)
