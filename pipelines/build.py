@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,12 @@ from pipelines.errors import LlmtrtUserError
 from pipelines.lowering import custom_nodes
 from pipelines.profiles import (
     Profile,
+    decode_profile,
     graph_input_dims,
     max_positions_from_model,
+    prefill_profile,
     profile_shapes,
+    static_profiles,
     validate_profiles,
 )
 
@@ -111,9 +114,9 @@ PRECISION_CHECKS = {
 
 
 def check_precision(model: onnx.ModelProto, precision: str) -> None:
-    """Raise a user error unless the graph really is ``precision``."""
+    """Raise a user error unless the graph really is ``precision`` (``int8-sq`` is checked as ``int8``)."""
     try:
-        check = PRECISION_CHECKS[precision]
+        check = PRECISION_CHECKS[precision.split("-", 1)[0]]
     except KeyError:
         raise LlmtrtUserError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISION_CHECKS)}") from None
     problem = check(graph_facts(model))
@@ -202,6 +205,7 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; plans and manifests are read by other users/stages
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -304,13 +308,20 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
                  backend: str | Backend | None = None, target_cc: Sequence[str] = (),
                  profiles: Sequence[Profile], opt_level: int = 3, workspace_mb: int | None = None,
                  timing_cache: str | Path | None = None, plugins: Sequence[str | Path] = (),
-                 max_positions: int | None = None) -> BuildResult:
+                 max_positions: int | None = None, source: Mapping[str, str] | None = None,
+                 extra: Mapping[str, Any] | None = None,
+                 progress: Callable[[str], None] | None = None) -> BuildResult:
     """Parse ``onnx_path`` (from its path, so external data works) and write plan + manifest.
 
     ``profiles`` become optimization profiles 0, 1, ... in order. ``plugins`` are plugin library
     paths; when given, registered plugins override built-in importers for matching op types.
-    ``max_positions`` (default: the model's ``max_position_embeddings`` metadata) bounds past + seq.
+    ``max_positions`` (default: the model's ``max_position_embeddings`` metadata, else its rotary
+    table length) bounds past + seq. ``source`` ({"onnx", "onnx_sha256"}) names the exported ONNX
+    that ``onnx_path`` was lowered from: the manifest then points at it (the built file goes under
+    ``built_onnx``). ``extra`` entries are added to (and override) the manifest;
+    ``progress`` receives one line per phase.
     """
+    say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
@@ -335,6 +346,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
     if override:
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
     t_parse = time.perf_counter()
+    say(f"parsing {onnx_path.name} with {be.name} {be.version()}")
     if not parser.parse_from_file(str(onnx_path)):
         failures = parser_failures(parser, model) or [NodeFailure("", "", e) for e in logger.since(mark, *_ERRORS)]
         raise UnsupportedNodesError(str(onnx_path), failures)
@@ -358,6 +370,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
                                   f"{logger.since(mark, *_ERRORS)[-1:]}")
 
     t_build = time.perf_counter()
+    say(f"building {precision} engine: {network.num_layers} network layers, profiles "
+        f"{', '.join(p.name for p in profiles)}, opt level {opt_level}"
+        + (f", targets {', '.join(cc_names)}" if cc_names else ""))
     plan = builder.build_serialized_network(network, config)
     build_seconds = time.perf_counter() - t_build
     if plan is None:
@@ -381,6 +396,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
                      for p, s in zip(profiles, shapes, strict=True)],
         "onnx": str(onnx_path),
         "onnx_sha256": onnx_sha256(onnx_path, model),
+        **({"onnx": source["onnx"], "onnx_sha256": source["onnx_sha256"],
+            "built_onnx": {"path": str(onnx_path), "sha256": onnx_sha256(onnx_path, model)}} if source else {}),
         "builder": {"opt_level": opt_level, "workspace_mb": workspace_mb, "timing_cache": cache_note,
                     "plugins": [str(p) for p in plugin_paths], "plugin_override": override},
         "stats": {"parse_seconds": round(parse_seconds, 3), "build_seconds": round(build_seconds, 3),
@@ -389,6 +406,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
         "network": _network_summary(network),
         "engine": _engine_summary(be, plan),
         "warnings": logger.since(mark, "WARNING")[:50],
+        **(extra or {}),
     }
     manifest_path.unlink(missing_ok=True)  # a plan never sits next to a manifest that is not its own
     _write_atomic(plan_path, memoryview(plan))
@@ -449,3 +467,111 @@ def _attach_timing_cache(be: Backend, config: Any, path: str | Path | None) -> t
     config.set_timing_cache(cache, False)
     return cache, str(path)
 
+
+
+# --------------------------------------------------------------------------------------------
+# from an export directory (what `llmtrt build` and the pipeline call)
+# --------------------------------------------------------------------------------------------
+DEFAULT_MAX_PROMPT = 512
+
+
+def export_profiles(kv_cache: str, max_positions: int, *, max_batch: int = 1, max_prompt: int | None = None,
+                    max_kv: int | None = None) -> tuple[Profile, Profile]:
+    """Prefill + decode profiles for an exported graph.
+
+    Dynamic cache: prompts up to ``max_prompt`` (default min(512, max_positions)), decode against up
+    to ``max_kv`` cached tokens (default max_positions - 1). Static cache: ``max_kv`` is the fixed
+    cache length (default max_positions).
+    """
+    static = kv_cache == "static"
+    kv = max_kv if max_kv is not None else (max_positions if static else max_positions - 1)
+    prompt = max_prompt if max_prompt is not None else min(DEFAULT_MAX_PROMPT, kv if static else max_positions)
+    for flag, value in (("--max-batch", max_batch), ("--max-prompt", prompt), ("--max-kv", kv)):
+        if value < 1:
+            raise LlmtrtUserError(f"{flag} must be >= 1, got {value}")
+    if static:
+        return static_profiles(max_batch, prompt, kv)
+    return prefill_profile(max_batch, prompt), decode_profile(max_batch, kv)
+
+
+def _other_lowerings(mode: str, dialect: str) -> str:
+    works = {"custom": ["native", "inline"], "standard": ["native"], "decomposed": ["native", "inline"]}
+    others = [m for m in works.get(dialect, ["native", "inline"]) if m != mode]
+    if not others:
+        return f"--lower {mode} is the lowering that should work for --ops {dialect} graphs; see docs/support-matrix.md"
+    return (f"this was --lower {mode} on a --ops {dialect} graph; try " + " or ".join(f"`--lower {m}`" for m in others)
+            + " (see docs/support-matrix.md)")
+
+
+def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision: str | None = None,
+                      backend: str | Backend | None = None, lower: str = "native", target_cc: Sequence[str] = (),
+                      max_batch: int = 1, max_prompt: int | None = None, max_kv: int | None = None,
+                      profiles: Sequence[Profile] | None = None, opt_level: int = 3,
+                      workspace_mb: int | None = None, timing_cache: str | Path | None = None,
+                      plugins: Sequence[str | Path] = (),
+                      progress: Callable[[str], None] | None = None) -> BuildResult:
+    """Lower ``export_dir``'s ONNX (read from its manifest.json) to ``out_dir/model.<lower>.onnx`` and
+    build ``out_dir/engine.<precision>.plan`` + ``.json``.
+
+    ``precision`` defaults to the export manifest's; a static-cache graph gets its cache length
+    pinned in the lowered graph (TensorRT's KV-cache update needs a static sequence axis).
+    """
+    from pipelines.artifacts import MANIFEST, load_exported, read_manifest
+    from pipelines.artifacts import onnx_sha256 as export_sha256
+    from pipelines.lowering import LOWERINGS, lower_file
+
+    say = progress or (lambda _msg: None)
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    raw = read_manifest(export_dir)
+    exported = load_exported(export_dir)
+    if lower not in LOWERINGS:
+        raise LlmtrtUserError(f"unknown --lower {lower!r}; choose one of {', '.join(LOWERINGS)}")
+    precision = precision or raw.get("precision") or "fp32"
+    be = backend if isinstance(backend, Backend) else get_backend(backend)
+    say(f"checking {exported.onnx_path} against {MANIFEST}")
+    digest = export_sha256(exported.onnx_path)
+    if digest != raw.get("onnx_sha256"):
+        raise LlmtrtUserError(f"{exported.onnx_path}: its sha256 differs from {export_dir / MANIFEST} (the file "
+                              "changed after export); re-run `llmtrt export`")
+
+    model = onnx.load(str(exported.onnx_path), load_external_data=False)
+    check_precision(model, precision)
+    max_positions = max_positions_from_model(model) or exported.config.max_position_embeddings
+    if profiles is None:
+        profiles = export_profiles(exported.kv_cache, max_positions, max_batch=max_batch, max_prompt=max_prompt,
+                                   max_kv=max_kv)
+    kinds = {"static" if p.static else "dynamic" for p in profiles}
+    if kinds != {exported.kv_cache}:
+        raise LlmtrtUserError(f"{export_dir / MANIFEST} says kv_cache {exported.kv_cache!r}, but the profiles are "
+                              f"for a {'/'.join(sorted(kinds))} cache; "
+                              + ("give max_cache_length in --profiles" if exported.kv_cache == "static"
+                                 else "use past ranges, not max_cache_length, in --profiles"))
+    validate_profiles(profiles, max_positions)
+    dims = {"max_cache_length": profiles[0].cache} if exported.kv_cache == "static" else {}
+
+    lowered = out_dir / f"model.{lower}.onnx"
+    say(f"lowering {exported.dialect} ops with --lower {lower} -> {lowered}"
+        + (f" (static cache of {dims['max_cache_length']} slots)" if dims else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_lower = time.perf_counter()
+    lower_file(exported.onnx_path, lowered, lower, supported=be.supports_operator, dims=dims)
+    lower_seconds = time.perf_counter() - t_lower
+    extra = {
+        "export": {"dir": str(export_dir.resolve()), "model_source": raw.get("model_source"),
+                   "config_name": exported.config.name, "dialect": exported.dialect, "opset": exported.opset,
+                   "kv_cache": exported.kv_cache, "precision": raw.get("precision", "fp32"),
+                   "onnx_sha256": raw["onnx_sha256"]},
+        "kv_cache": exported.kv_cache,
+        "lowering": {"mode": lower, "onnx": lowered.name, "pinned_dims": dims, "seconds": round(lower_seconds, 3)},
+        "max_positions": max_positions,
+    }
+    try:
+        return build_engine(lowered, out_dir, precision=precision, backend=be, target_cc=target_cc,
+                            profiles=profiles, opt_level=opt_level, workspace_mb=workspace_mb,
+                            timing_cache=timing_cache, plugins=plugins, max_positions=max_positions,
+                            source={"onnx": str(exported.onnx_path.resolve()), "onnx_sha256": digest},
+                            extra=extra, progress=say)
+    except UnsupportedNodesError as exc:
+        if not any(f.op_type for f in exc.failures):
+            raise
+        raise UnsupportedNodesError(lowered.name, exc.failures, _other_lowerings(lower, exported.dialect)) from None

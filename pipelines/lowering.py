@@ -11,6 +11,11 @@
 * ``inline``: every local function is inlined (onnx.inliner), leaving primitive ops only.
 * ``plugin``: custom nodes stay; the engine build maps them to registered plugins.
 
+Any mode can also pin symbolic dims to numbers (``dims={"max_cache_length": 512}``): TensorRT's
+KV-cache update (``TensorScatter`` / ``TRT_KVCacheUpdate``) refuses a cache whose sequence axis is
+dynamic ("The KV cache tensor must have a static sequence length dimension"), so a static-cache
+graph is built with its cache length fixed in the graph, not only in the profiles.
+
 Why lowering is not optional: TensorRT's ONNX parser picks importers by op type and ignores the
 domain, so ``llmtrt::RotaryEmbedding`` (inputs X, position_ids, cos, sin) is silently imported by
 the built-in RotaryEmbedding importer (inputs X, cos, sin, position_ids) and
@@ -260,13 +265,26 @@ LOWERINGS: dict[str, Callable[..., onnx.ModelProto]] = {
 }
 
 
-def lower(model: onnx.ModelProto, mode: str, **options: object) -> onnx.ModelProto:
-    """Apply lowering ``mode`` (native | inline | plugin) and return a new model."""
+def pin_dims(model: onnx.ModelProto, dims: dict[str, int]) -> None:
+    """Replace symbolic dims named in ``dims`` by those numbers in graph inputs, outputs and value_info."""
+    graph = model.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in dims:
+                dim.dim_value = int(dims[dim.dim_param])  # clears dim_param (oneof)
+
+
+def lower(model: onnx.ModelProto, mode: str, *, dims: dict[str, int] | None = None,
+          **options: object) -> onnx.ModelProto:
+    """Apply lowering ``mode`` (native | inline | plugin), pin ``dims``, and return a new model."""
     try:
         fn = LOWERINGS[mode]
     except KeyError:
         raise LlmtrtUserError(f"unknown --lower {mode!r}; choose one of {', '.join(LOWERINGS)}") from None
-    return fn(model, **options)
+    out = fn(model, **options)
+    if dims:
+        pin_dims(out, dims)
+    return out
 
 
 def lower_file(src: str | Path, dst: str | Path, mode: str, **options: object) -> Path:

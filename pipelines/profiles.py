@@ -1,7 +1,10 @@
 """TensorRT optimization profiles for a decoder graph: ``prefill`` and ``decode``.
 
 A profile gives min/opt/max for three independent quantities, batch, new tokens (``seq``) and
-cached tokens (``past``); ``total`` = past + seq follows from them. ``profile_shapes`` turns a
+cached tokens (``past``); ``total`` = past + seq follows from them. A static-cache graph
+(``--kv-cache static``) has no past dimension: its cache tensors are
+``[batch, kv_heads, max_cache_length, head_dim]``, and ``max_cache_length`` is one fixed length
+chosen at build time (``cache``), the same in every profile. ``profile_shapes`` turns a
 profile plus the graph's inputs (their dims written as ints or symbolic names) into per-input
 (min, opt, max) shapes for ``IOptimizationProfile.set_shape``.
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import onnx
 
@@ -24,6 +28,7 @@ DIM_ALIASES: dict[str, str] = {
     "sequence_length": "seq", "seq": "seq", "seq_len": "seq",
     "past_sequence_length": "past", "past": "past", "past_seq_len": "past",
     "total_sequence_length": "total", "total": "total", "total_seq_len": "total",
+    "max_cache_length": "cache",
 }
 
 Shape = tuple[int, ...]
@@ -46,22 +51,40 @@ class Range:
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimization profile: ranges for batch, new tokens (seq) and cached tokens (past)."""
+    """One optimization profile: ranges for batch and new tokens (seq), plus either cached tokens
+    (``past``, growing cache) or the fixed cache length (``cache``, static cache)."""
 
     name: str
     batch: Range
     seq: Range
-    past: Range
+    past: Range | None = None
+    cache: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.past is None) == (self.cache is None):
+            raise ValueError(f"profile {self.name!r}: give exactly one of past (dynamic cache) or cache (static)")
+
+    @property
+    def static(self) -> bool:
+        return self.cache is not None
 
     @property
     def total(self) -> Range:
+        """Tokens the attention mask spans: past + seq, or the whole fixed cache."""
+        if self.cache is not None:
+            return Range(self.cache, self.cache, self.cache)
         return self.past + self.seq
 
     def ranges(self) -> dict[str, Range]:
+        if self.cache is not None:
+            return {"batch": self.batch, "seq": self.seq, "cache": self.total}
         return {"batch": self.batch, "seq": self.seq, "past": self.past, "total": self.total}
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **{k: asdict(v) for k, v in self.ranges().items()}}
+        if self.cache is not None:
+            return {"name": self.name, "kv_cache": "static", "batch": asdict(self.batch), "seq": asdict(self.seq),
+                    "max_cache_length": self.cache}
+        return {"name": self.name, "kv_cache": "dynamic", **{k: asdict(v) for k, v in self.ranges().items()}}
 
 
 def prefill_profile(max_batch: int, max_prompt: int, *, opt_batch: int | None = None,
@@ -78,16 +101,33 @@ def decode_profile(max_batch: int, max_kv: int, *, opt_batch: int | None = None,
                    Range(1, opt_past or max(1, max_kv // 2), max_kv))
 
 
-def default_profiles(max_batch: int, max_prompt: int, max_positions: int) -> tuple[Profile, Profile]:
+def static_profiles(max_batch: int, max_prompt: int, cache_length: int, *, opt_batch: int | None = None,
+                    opt_prompt: int | None = None) -> tuple[Profile, Profile]:
+    """(prefill, decode) for a static cache of ``cache_length`` slots: seq 1..max_prompt, then seq 1."""
+    batch = Range(1, opt_batch or max_batch, max_batch)
+    return (Profile("prefill", batch, Range(1, opt_prompt or max_prompt, max_prompt), cache=cache_length),
+            Profile("decode", batch, Range(1, 1, 1), cache=cache_length))
+
+
+def default_profiles(max_batch: int, max_prompt: int, max_positions: int,
+                     kv_cache: str = "dynamic") -> tuple[Profile, Profile]:
     """(prefill, decode) covering every context up to ``max_positions`` tokens."""
+    if kv_cache == "static":
+        return static_profiles(max_batch, max_prompt, max_positions)
     return (prefill_profile(max_batch, max_prompt),
             decode_profile(max_batch, max_positions - 1))
 
 
 def validate_profile(profile: Profile, max_positions: int | None = None) -> None:
-    """Raise a user error unless every range is ordered and past + seq fits ``max_positions``."""
+    """Raise a user error unless every range is ordered and past + seq (or the static cache) fits
+    ``max_positions``."""
+    if profile.cache is not None:
+        _validate_static(profile, max_positions)
     lower = {"batch": 1, "seq": 1, "past": 0}
-    for key, rng in (("batch", profile.batch), ("seq", profile.seq), ("past", profile.past)):
+    checked = [("batch", profile.batch), ("seq", profile.seq)]
+    if profile.past is not None:
+        checked.append(("past", profile.past))
+    for key, rng in checked:
         if not rng.min <= rng.opt <= rng.max:
             raise LlmtrtUserError(
                 f"profile {profile.name!r}: {key} must satisfy min <= opt <= max, got "
@@ -101,13 +141,34 @@ def validate_profile(profile: Profile, max_positions: int | None = None) -> None
             "lower --max-kv / --max-prompt or export with a larger --max-seq")
 
 
+def _validate_static(profile: Profile, max_positions: int | None) -> None:
+    cache = profile.cache
+    if cache is None or cache < 1:
+        raise LlmtrtUserError(f"profile {profile.name!r}: max_cache_length must be >= 1, got {cache}")
+    if profile.seq.max > cache:
+        raise LlmtrtUserError(
+            f"profile {profile.name!r}: seq max ({profile.seq.max}) exceeds max_cache_length ({cache}); "
+            "a prompt must fit the static cache: lower --max-prompt or raise --max-kv")
+    if max_positions is not None and cache > max_positions:
+        raise LlmtrtUserError(
+            f"profile {profile.name!r}: max_cache_length {cache} exceeds the model's max positions "
+            f"({max_positions}, the rotary table length); lower --max-kv or export with a larger --max-seq")
+
+
 def validate_profiles(profiles: Sequence[Profile], max_positions: int | None = None) -> None:
-    """Validate each profile and that there is at least one with unique names."""
+    """Validate each profile and that there is at least one, with unique names, all with the same
+    cache layout (and, for a static cache, the same fixed length: it is one tensor shape)."""
     if not profiles:
         raise LlmtrtUserError("at least one optimization profile is needed (prefill and/or decode)")
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise LlmtrtUserError(f"optimization profile names must be unique, got {names}")
+    caches = {p.cache for p in profiles}
+    if len(caches) > 1:
+        raise LlmtrtUserError(
+            "every profile must use the same cache: " + ", ".join(
+                f"{p.name}: " + (f"static max_cache_length {p.cache}" if p.static else "dynamic past")
+                for p in profiles))
     for profile in profiles:
         validate_profile(profile, max_positions)
 
@@ -141,17 +202,93 @@ def profile_shapes(profile: Profile, inputs: Mapping[str, Sequence[int | str]],
                 raise LlmtrtUserError(
                     f"input {name!r} axis {axis} has dynamic dim {dim!r}, which no profile range covers; "
                     f"name it one of {sorted(set(aliases))} in the ONNX graph")
+            if key not in ranges:
+                want, have = ("a static cache (max_cache_length)", "dynamic (past)") if key == "cache" else \
+                             ("a growing cache (past)", "static (max_cache_length)")
+                raise LlmtrtUserError(
+                    f"input {name!r} axis {axis} ({dim}) belongs to {want}, but profile {profile.name!r} is "
+                    f"{have}; build profiles for the graph's kv_cache layout")
             per_axis.append(ranges[key].as_tuple())
         out[name] = tuple(tuple(r[i] for r in per_axis) for i in range(3))  # type: ignore[assignment]
     return out
 
 
 def max_positions_from_model(model: onnx.ModelProto) -> int | None:
-    """``max_position_embeddings`` from the model's metadata_props, if the exporter wrote it."""
+    """Positions the graph can address: ``max_position_embeddings`` from its metadata_props, else the
+    length of its rotary cos table (the exporter's ``rope_cos`` initializer, [max_positions, D/2])."""
     for prop in model.metadata_props:
         if prop.key in ("max_position_embeddings", "max_positions"):
             try:
                 return int(prop.value)
             except ValueError:
                 return None
+    for init in model.graph.initializer:
+        if init.name == "rope_cos" and len(init.dims) == 2:
+            return int(init.dims[0])
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# --profiles YAML
+# --------------------------------------------------------------------------------------------
+_PROFILE_KEYS = {"batch", "seq", "past"}
+
+
+def _range_from(value: object, where: str) -> Range:
+    """``4`` (fixed), ``[min, opt, max]`` or ``{min:, opt:, max:}`` -> Range."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int):
+        return Range(value, value, value)
+    if isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value):
+        return Range(*value)
+    if isinstance(value, dict) and set(value) == {"min", "opt", "max"} and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        return Range(value["min"], value["opt"], value["max"])
+    raise LlmtrtUserError(f"{where}: expected an integer, [min, opt, max] or {{min, opt, max}}, got {value!r}")
+
+
+def profiles_from_yaml(path: str | Path, kv_cache: str = "dynamic") -> list[Profile]:
+    """Profiles from a YAML file, in file order. Dynamic cache::
+
+        prefill: {batch: [1, 1, 4], seq: [1, 128, 512], past: 0}
+        decode:  {batch: [1, 1, 4], seq: 1, past: [1, 512, 2047]}
+
+    Static cache (``kv_cache: static`` graphs): a top-level ``max_cache_length: N`` and no ``past``.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise LlmtrtUserError(f"--profiles {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise LlmtrtUserError(f"--profiles {path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise LlmtrtUserError(f"--profiles {path}: expected a mapping of profile name -> ranges")
+    raw = dict(raw)
+    cache = raw.pop("max_cache_length", None)
+    if kv_cache == "static" and not (isinstance(cache, int) and not isinstance(cache, bool)):
+        raise LlmtrtUserError(f"--profiles {path}: the graph has a static KV cache; set max_cache_length: N "
+                              "(the fixed cache length) at the top level")
+    if kv_cache != "static" and cache is not None:
+        raise LlmtrtUserError(f"--profiles {path}: max_cache_length is for static-cache graphs; this graph's cache "
+                              "grows (use past: [min, opt, max] in each profile)")
+    profiles = []
+    for name, body in raw.items():
+        where = f"--profiles {path}: {name}"
+        if not isinstance(body, dict):
+            raise LlmtrtUserError(f"{where}: expected a mapping with batch, seq" + ("" if cache else ", past"))
+        allowed = _PROFILE_KEYS - {"past"} if cache is not None else _PROFILE_KEYS
+        unknown = sorted(set(body) - allowed)
+        missing = sorted(allowed - set(body))
+        if unknown or missing:
+            raise LlmtrtUserError(f"{where}: " + "; ".join(
+                ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+                + ([f"missing key(s) {', '.join(missing)}"] if missing else []))
+                + f" (keys: {', '.join(sorted(allowed))})")
+        ranges = {k: _range_from(v, f"{where}.{k}") for k, v in body.items()}
+        profiles.append(Profile(str(name), ranges["batch"], ranges["seq"], ranges.get("past"), cache))
+    return profiles

@@ -28,6 +28,8 @@ from pipelines.profiles import (
     graph_input_dims,
     prefill_profile,
     profile_shapes,
+    profiles_from_yaml,
+    static_profiles,
     validate_profiles,
 )
 
@@ -208,6 +210,72 @@ def test_profile_validation(profile, match):
 def test_profile_unknown_dynamic_dim():
     with pytest.raises(LlmtrtUserError, match="no profile range covers"):
         profile_shapes(PROFILES[0], {"x": ("batch", "mystery")})
+
+
+STATIC_DIMS = {"x": (B, S, HID), "attention_mask": (B, "max_cache_length"), "write_indices": (B,),
+               "past_key_values.0.key": (B, HKV, "max_cache_length", D)}
+
+
+def test_static_profiles_fix_the_cache_length():
+    prefill, decode = (profile_shapes(p, STATIC_DIMS) for p in static_profiles(2, 16, 32))
+    assert prefill["past_key_values.0.key"] == ((1, HKV, 32, D), (2, HKV, 32, D), (2, HKV, 32, D))
+    assert prefill["x"] == ((1, 1, HID), (2, 16, HID), (2, 16, HID))
+    assert decode["attention_mask"] == ((1, 32), (2, 32), (2, 32)) and decode["write_indices"] == ((1,), (2,), (2,))
+    assert static_profiles(1, 4, 8)[1].to_dict() == {
+        "name": "decode", "kv_cache": "static", "batch": {"min": 1, "opt": 1, "max": 1},
+        "seq": {"min": 1, "opt": 1, "max": 1}, "max_cache_length": 8}
+
+
+@pytest.mark.parametrize("profiles, match", [
+    (static_profiles(1, 40, 32), r"seq max \(40\) exceeds max_cache_length \(32\)"),
+    (static_profiles(1, 8, MAXPOS + 1), "exceeds the model's max positions"),
+    ([static_profiles(1, 8, 32)[0], static_profiles(1, 8, 16)[1]], "every profile must use the same cache"),
+    ([PROFILES[0], static_profiles(1, 8, 16)[1]], "every profile must use the same cache"),
+])
+def test_static_profile_validation(profiles, match):
+    with pytest.raises(LlmtrtUserError, match=match):
+        validate_profiles(profiles, MAXPOS)
+
+
+def test_profile_layout_must_match_graph():
+    with pytest.raises(LlmtrtUserError, match="belongs to a static cache"):
+        profile_shapes(PROFILES[1], STATIC_DIMS)
+    with pytest.raises(LlmtrtUserError, match="belongs to a growing cache"):
+        profile_shapes(static_profiles(1, 4, 8)[0], graph_input_dims(decoder_block()))
+    with pytest.raises(ValueError, match="exactly one of past"):
+        Profile("p", Range(1, 1, 1), Range(1, 1, 1))
+
+
+def test_profiles_from_yaml(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("prefill: {batch: [1, 1, 4], seq: {min: 1, opt: 8, max: 16}, past: 0}\n"
+                    "decode: {batch: [1, 1, 4], seq: 1, past: [1, 8, 47]}\n")
+    assert profiles_from_yaml(path) == [prefill_profile(4, 16, opt_batch=1, opt_prompt=8),
+                                        decode_profile(4, 47, opt_batch=1, opt_past=8)]
+    path.write_text("max_cache_length: 32\nprefill: {batch: 1, seq: [1, 8, 16]}\n")
+    assert profiles_from_yaml(path, "static") == [Profile("prefill", Range(1, 1, 1), Range(1, 8, 16), cache=32)]
+    for text, match in [("prefill: {batch: 1, seq: 1, past: 0, beam: 2}\n", "unknown key.*beam"),
+                        ("prefill: {batch: 1, seq: 1}\n", "missing key.*past"),
+                        ("prefill: {batch: [1, 2], seq: 1, past: 0}\n", r"prefill.batch: expected"),
+                        ("prefill: [", "not valid YAML")]:
+        path.write_text(text)
+        with pytest.raises(LlmtrtUserError, match=match):
+            profiles_from_yaml(path)
+    path.write_text("prefill: {batch: 1, seq: [1, 8, 16]}\n")
+    with pytest.raises(LlmtrtUserError, match="set max_cache_length"):
+        profiles_from_yaml(path, "static")
+
+
+def test_pin_dims_fixes_the_static_cache_axis():
+    model = lowering.lower(decoder_block(), "inline", dims={"past_sequence_length": 24})
+    dims = graph_input_dims(model)
+    assert dims["past_key_values.0.key"] == (B, HKV, 24, D) and dims["attention_mask"] == (B, T)
+
+
+@pytest.mark.parametrize("precision", ["int8-sq", "int4-awq"])
+def test_precision_names_with_a_method_are_checked_by_family(precision):
+    with pytest.raises(LlmtrtUserError, match="QuantizeLinear"):
+        build.check_precision(decoder_block(), precision)
 
 
 # ---------------------------------------------------------------------------------------------
