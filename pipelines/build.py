@@ -399,7 +399,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
         **({"onnx": source["onnx"], "onnx_sha256": source["onnx_sha256"],
             "built_onnx": {"path": str(onnx_path), "sha256": onnx_sha256(onnx_path, model)}} if source else {}),
         "builder": {"opt_level": opt_level, "workspace_mb": workspace_mb, "timing_cache": cache_note,
-                    "plugins": [str(p) for p in plugin_paths], "plugin_override": override},
+                    "plugins": [str(p) for p in plugin_paths], "plugin_override": override,
+                    "python_plugins": _python_plugin_manifest(model)},
         "stats": {"parse_seconds": round(parse_seconds, 3), "build_seconds": round(build_seconds, 3),
                   "total_seconds": round(time.perf_counter() - t_start, 3), "peak_rss_bytes": _peak_rss_bytes()},
         "io": _io_summary(network),
@@ -425,8 +426,15 @@ def _setup_plugins(be: Backend, model: onnx.ModelProto, onnx_path: Path,
     for lib in plugin_paths:
         if not lib.is_file() or registry.load_library(str(lib)) is None:
             raise LlmtrtUserError(f"plugin library {lib} could not be loaded")
+    python_plugins = False
+    if custom_nodes(model) and not plugin_paths and be.supports_python_plugins:
+        # Our tensorrt.plugin definitions (plugins/<op>/trt_plugin.py); the nodes carry plugin_namespace.
+        from plugins.trt_plugins import register_all
+
+        register_all(be.module())
+        python_plugins = True
     plugin_names = be.plugin_names()
-    override = bool(plugin_paths)
+    override = bool(plugin_paths) or python_plugins
     check_custom_nodes(model, be, plugin_names, override, source=onnx_path.name)
     routed = plugin_routed_ops(model, plugin_names, override)
     if routed and be.plugin_parse_may_abort:
@@ -437,6 +445,16 @@ def _setup_plugins(be: Backend, model: onnx.ModelProto, onnx_path: Path,
                 f"parser aborts the process (\"terminate called without an active exception\"); {LOWER_HINT}")
         _preflight_parse(be, onnx_path, plugin_paths, override)
     return plugin_paths, override
+
+
+def _python_plugin_manifest(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """Name, version and code checksum of each llmtrt plugin the graph's custom nodes use."""
+    used = {n.op_type for n in custom_nodes(model)}
+    if not used:
+        return []
+    from plugins.trt_plugins import plugin_manifest
+
+    return [entry for entry in plugin_manifest() if entry["name"] in used]
 
 
 def _engine_summary(be: Backend, plan: Any) -> dict[str, Any] | None:

@@ -252,9 +252,20 @@ def lower_native(model: onnx.ModelProto, *, supported: Callable[[str], bool] | N
 
 
 def lower_plugin(model: onnx.ModelProto, **_: object) -> onnx.ModelProto:
-    """Keep custom nodes for plugins (the build sets the parser's plugin-override flag)."""
+    """Keep custom nodes for plugins, tagged so TensorRT's parser routes them to the llmtrt::<op>
+    plugins (``plugin_namespace``) and their ahead-of-time kernels (``aot=1``); the build sets the
+    parser's plugin-override flag."""
+    from plugins.trt_plugins import plugin_manifest, plugin_node_attributes
+
+    with_plugins = {entry["name"] for entry in plugin_manifest()}
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.domain == DOMAIN and node.op_type in with_plugins:
+            present = {a.name for a in node.attribute}
+            for name, value in plugin_node_attributes(aot=True).items():
+                if name not in present:
+                    node.attribute.append(helper.make_attribute(name, value))
     return out
 
 
