@@ -109,7 +109,7 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
     exported = run_export(source, out_dir, options)
     stats = {**exported.stats, "peak_rss_bytes": peak_rss_bytes(), "total_seconds": round(time.perf_counter() - t0, 3)}
     exported = dataclasses.replace(exported, stats=stats)
-    manifest = write_export_manifest(exported, model_spec)
+    manifest = write_export_manifest(exported, model_spec, extra={"seed": seed})
     summary = {"onnx": str(exported.onnx_path), "manifest": str(manifest), "dialect": dialect,
                "kv_cache": kv_cache, "opset": exported.opset, **stats}
     if as_json:

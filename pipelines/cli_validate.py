@@ -1,0 +1,89 @@
+"""`llmtrt validate`: an artifact's numbers against the fp32 PyTorch model (pipelines/validate.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from exporter.errors import LlmtrtUserError
+from pipelines.cli import main, user_errors
+
+EXIT_NUMERICS = 1
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(file_okay=False))
+@click.option("--engine", type=click.Path(file_okay=False), default=None,
+              help="Also run this `llmtrt build` engine directory (needs a CUDA GPU; skipped with the reason otherwise).")
+@click.option("--text", "text", type=click.Path(dir_okay=False), default=None,
+              help="Prompts and decode tokens come from this UTF-8 text [default: configs/text/eval.txt].")
+@click.option("--prompt", default=None, help="One prompt instead of --text; decode tokens are PyTorch's greedy ones.")
+@click.option("--batch", type=int, default=2, show_default=True,
+              help="Prompts per batch; rows have different lengths, so left padding is exercised.")
+@click.option("--prompt-tokens", type=int, default=24, show_default=True, help="Tokens in the longest prompt.")
+@click.option("--decode-steps", type=int, default=4, show_default=True,
+              help="Decode steps after prefill, each feeding present.* back as past_key_values.*.")
+@click.option("--atol", multiple=True, metavar="[NAME:]VALUE",
+              help="Absolute tolerance of the max-error check, like Polygraphy's: a default VALUE, or per output "
+                   "group (logits, present) or output name (logits.decode.2). Repeatable.")
+@click.option("--rtol", multiple=True, metavar="[NAME:]VALUE", help="Relative tolerance, same forms as --atol.")
+@click.option("--tolerances", type=click.Path(dir_okay=False), default=None,
+              help="Tolerances per precision and output [default: configs/tolerances.yaml].")
+@click.option("--layerwise", is_flag=True,
+              help="Mark every intermediate tensor as an output, compare with an fp32 reference export, and name the "
+                   "first node where the error jumps.")
+@click.option("--reference", type=click.Path(file_okay=False), default=None,
+              help="--layerwise reference: an fp32 export directory [default: re-export the manifest's model].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write validation.json, inputs.json, outputs.json, reference_outputs.json (Polygraphy JSON) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable report.")
+@user_errors
+def validate(artifact_dir: str, engine: str | None, text: str | None, prompt: str | None, batch: int,
+             prompt_tokens: int, decode_steps: int, atol: tuple[str, ...], rtol: tuple[str, ...],
+             tolerances: str | None, layerwise: bool, reference: str | None, out_dir: str | None,
+             as_json: bool) -> None:
+    """Check ARTIFACT_DIR (an `llmtrt export` or `llmtrt quantize` directory) against the fp32 PyTorch model.
+
+    \b
+    Real prompts (text -> token ids, a left-padded batch) run prefill + N decode steps in PyTorch,
+    ONNX Runtime and, with --engine on a GPU, TensorRT; Polygraphy compares every step's logits and
+    the final KV cache with the tolerances of the artifact's precision. Each backend must also give
+    the same logits from prefill + decode as from one forward over all tokens (KV-cache consistency).
+
+    \b
+    Exit status: 0 pass, 1 numerics fail, 2 usage or input error.
+
+    \b
+    Examples:
+      llmtrt validate out/onnx
+      llmtrt validate out/onnx --batch 4 --decode-steps 8 --atol logits:1e-3 --out out/validate
+      llmtrt validate out/int8 --layerwise --json
+      llmtrt validate out/onnx --engine out/engines --prompt "def main():"
+
+    \b
+    Reproduce the prefill check by hand from --out DIR:
+      polygraphy run ARTIFACT_DIR/model.onnx --onnxrt --load-inputs DIR/inputs.json \\
+          --load-outputs DIR/reference_outputs.json --atol 1e-4 --rtol 1e-3 --check-error-stat max
+    """
+    from pipelines.validate import ValidateOptions, parse_overrides
+    from pipelines.validate import validate as run_validate
+
+    if text is not None and prompt is not None:
+        raise LlmtrtUserError("give --text FILE or --prompt STR, not both")
+    options = ValidateOptions(batch=batch, decode_steps=decode_steps, prompt_tokens=prompt_tokens, text=text,
+                              prompt=prompt, tolerances=tolerances, atol=parse_overrides(atol, "--atol"),
+                              rtol=parse_overrides(rtol, "--rtol"), engine=engine, layerwise=layerwise,
+                              reference=reference, out_dir=Path(out_dir) if out_dir else None)
+    report = run_validate(artifact_dir, options)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.table())
+        if report.files:
+            click.echo(f"report: {report.files['validation']}")
+            click.echo(f"reproduce: {report.files['reproduce']}")
+    if not report:
+        sys.exit(EXIT_NUMERICS)

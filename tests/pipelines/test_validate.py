@@ -1,0 +1,236 @@
+"""llmtrt validate: fp32 artifacts pass in every dialect and the static cache; broken graphs fail and
+--layerwise names the node that broke them; precision manifests pick their tolerances; CLI exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from exporter.config import resolve_model
+from exporter.errors import LlmtrtUserError
+from exporter.onnx_export import ExportOptions, export
+from pipelines.artifacts import write_export_manifest
+from pipelines.cli import main
+from pipelines.validate import DEFAULT_TOLERANCES, ValidateOptions, load_tolerances, validate
+
+FAST = ValidateOptions(batch=2, decode_steps=3, prompt_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """The tiny preset exported once per dialect, plus a static-cache graph."""
+    root = tmp_path_factory.mktemp("validate")
+    source = resolve_model("tiny")
+    variants = {"custom": ExportOptions(dialect="custom", max_positions=64),
+                "standard": ExportOptions(dialect="standard", max_positions=64),
+                "decomposed": ExportOptions(dialect="decomposed", max_positions=64),
+                "static": ExportOptions(dialect="standard", kv_cache="static", max_positions=64)}
+    for name, options in variants.items():
+        write_export_manifest(export(source, root / name, options), "tiny")
+    return {name: root / name for name in variants}
+
+
+def _copy(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "model.onnx"))
+    edit(model)
+    onnx.save(model, str(dst / "model.onnx"))
+    return dst
+
+
+@pytest.mark.parametrize("variant", ["custom", "standard", "decomposed", "static"])
+def test_fp32_artifacts_pass(exports, variant, tmp_path):
+    report = validate(exports[variant], ValidateOptions(batch=2, decode_steps=3, prompt_tokens=12,
+                                                        out_dir=tmp_path / "v"))
+    assert report, report.table()
+    assert {r["output"] for r in report.outputs} >= {"logits.prefill", "logits.decode.3", "logits.one_pass",
+                                                     "present.1.value"}
+    worst = max(r["max_absdiff"] for r in report.outputs)
+    assert worst < 1e-5  # measured ~2e-7; the gate is 1e-4
+    assert [r["runner"] for r in report.kv_cache] == ["pytorch-fp32", "onnxruntime"]
+    assert all(r["passed"] for r in report.kv_cache)
+    assert report.inputs["prompt_lengths"] == [12, 7]  # left padding exercised
+    saved = json.loads((tmp_path / "v" / "validation.json").read_text())
+    assert saved["passed"] is True and saved["precision"] == "fp32"
+    assert not list((tmp_path / "v").glob(".validate-*"))  # staging removed
+
+
+def test_saved_inputs_are_the_prefill_feed_and_replay_in_onnxruntime(exports, tmp_path):
+    """inputs.json is the graph's prefill feed (Polygraphy JSON); running it reproduces reference_outputs.json."""
+    import onnxruntime as ort
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    validate(exports["custom"], ValidateOptions(batch=2, decode_steps=2, prompt_tokens=10, out_dir=tmp_path))
+    feeds = load_json(str(tmp_path / "inputs.json"))
+    assert len(feeds) == 1
+    feed = feeds[0]
+    session = ort.InferenceSession(str(exports["custom"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert set(feed) == {i.name for i in session.get_inputs()}
+    assert feed["attention_mask"].shape == feed["input_ids"].shape  # prefill: nothing cached
+    assert feed["past_key_values.0.key"].shape[2] == 0
+    logits = session.run(["logits"], dict(feed))[0]
+    reference = RunResults.load(str(tmp_path / "reference_outputs.json"))
+    ref_logits = reference["pytorch-fp32"][0]["logits"]
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
+    report = json.loads((tmp_path / "validation.json").read_text())
+    assert report["files"]["reproduce"].startswith("polygraphy run ")
+    assert "--load-inputs" in report["files"]["reproduce"]
+
+
+def test_static_feed_carries_write_indices(exports, tmp_path):
+    from polygraphy.json import load_json
+
+    validate(exports["static"], ValidateOptions(batch=2, decode_steps=2, prompt_tokens=10, out_dir=tmp_path))
+    feed = load_json(str(tmp_path / "inputs.json"))[0]
+    assert feed["write_indices"].tolist() == [0, 0]
+    assert feed["past_key_values.0.key"].shape[2] == feed["attention_mask"].shape[1] == 12  # 10 + 2 slots
+
+
+def _corrupt_weight(model):
+    for t in model.graph.initializer:
+        if t.name == "model.layers.1.mlp.down_proj.weight_t":
+            a = numpy_helper.to_array(t).copy()
+            a[3, 5] += 0.5
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+            return
+    raise AssertionError("weight not found")
+
+
+def _interleaved_rope(model):
+    nodes = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    assert nodes
+    for node in nodes:
+        for a in node.attribute:
+            if a.name == "interleaved":
+                a.i = 1
+
+
+def _no_epsilon(model):
+    nodes = [n for n in model.graph.node if n.op_type == "RMSNormalization"]
+    assert nodes
+    for node in nodes:
+        for a in node.attribute:
+            if a.name == "epsilon":
+                a.f = 0.0
+
+
+@pytest.mark.parametrize("edit,node", [
+    (_corrupt_weight, "/model/layers/1/mlp/down_proj/MatMul"),
+    (_interleaved_rope, "/model/layers/0/self_attn/RotaryEmbedding"),
+    (_no_epsilon, "/model/layers/0/input_layernorm/RMSNorm"),
+], ids=["weight", "rope-interleaved", "rmsnorm-epsilon"])
+def test_broken_graph_fails_and_layerwise_names_the_node(exports, tmp_path, edit, node):
+    broken = _copy(exports["standard"], tmp_path / "broken", edit)
+    report = validate(broken, ValidateOptions(batch=2, decode_steps=2, prompt_tokens=10, layerwise=True,
+                                              reference=exports["standard"], out_dir=tmp_path / "v"))
+    assert not report
+    assert any(not r["passed"] for r in report.outputs if r["output"].startswith("logits"))
+    jump = report.layerwise["first_jump"]
+    assert jump is not None and jump["node"].startswith(node), report.layerwise
+    assert jump["input_error"] == 0.0
+    assert report.summary()["first_bad_node"] == jump["node"]
+    assert (tmp_path / "v" / "layerwise.json").is_file()
+
+
+def test_layerwise_reexport_finds_no_jump_on_a_clean_graph(exports):
+    report = validate(exports["custom"], ValidateOptions(batch=2, decode_steps=1, prompt_tokens=8, layerwise=True))
+    assert report
+    assert report.layerwise["first_jump"] is None
+    assert report.layerwise["compared_tensors"] > 50
+    assert "re-export" in report.layerwise["reference"]
+
+
+def _with_precision(src: Path, dst: Path, precision: str) -> Path:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["precision"] = precision
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_precision_manifest_picks_its_tolerances(exports, tmp_path):
+    table = yaml.safe_load(DEFAULT_TOLERANCES.read_text())["precisions"]
+    art = _with_precision(exports["standard"], tmp_path / "fp16", "fp16")
+    report = validate(art, FAST)
+    assert report.precision == "fp16"
+    assert report.tolerances["groups"]["logits"]["atol"] == table["fp16"]["logits"]["atol"]
+    row = next(r for r in report.outputs if r["output"] == "logits.decode.1")
+    assert set(row["checks"]) == {"max", "mean", "cosine", "top1"}
+    assert row["cosine_similarity"] > 0.9999 and row["top1_agreement"] == 1.0
+    # a broken graph labelled int4-awq still fails the loose gate on cosine similarity / top-1
+    broken = _copy(exports["standard"], tmp_path / "broken", _interleaved_rope)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["precision"] = "int4-awq"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    report = validate(broken, FAST)
+    assert report.tolerances["groups"]["logits"]["min_top1_agreement"] == table["int4-awq"]["logits"]["min_top1_agreement"]
+    assert report.precision == "int4-awq"
+    # the tiny random model's logits are nearly flat, so at int4 tolerances the broken cache is what fails
+    assert not report
+    assert any(not r["passed"] for r in report.outputs if r["output"].startswith("present"))
+
+
+def test_unknown_precision_is_a_user_error(exports, tmp_path):
+    art = _with_precision(exports["standard"], tmp_path / "odd", "int3-magic")
+    with pytest.raises(LlmtrtUserError, match="int3-magic"):
+        validate(art, FAST)
+
+
+def test_tolerance_file_errors_name_the_field(tmp_path):
+    bad = tmp_path / "tol.yaml"
+    bad.write_text("precisions:\n  fp32:\n    logits: {atol: 1e-4, rtol: 1e-3, atoll: 1}\n")
+    with pytest.raises(LlmtrtUserError, match=r"precisions.fp32.logits.atoll"):
+        load_tolerances(bad, "fp32")
+    bad.write_text("precisions:\n  fp32:\n    logits: {atol: -1, rtol: 1e-3}\n")
+    with pytest.raises(LlmtrtUserError, match="non-negative"):
+        load_tolerances(bad, "fp32")
+
+
+def test_atol_override_makes_a_clean_graph_fail(exports):
+    """--atol/--rtol override per output name like Polygraphy's (0 tolerance: fp32 rounding fails)."""
+    report = validate(exports["custom"], ValidateOptions(batch=2, decode_steps=2, prompt_tokens=10,
+                                                         atol={"logits.decode.2": 0.0}, rtol={"logits.decode.2": 0.0}))
+    failed = [r["output"] for r in report.outputs if not r["passed"]]
+    assert failed == ["logits.decode.2"]
+
+
+def test_tensorrt_engine_is_skipped_with_reason_without_gpu(exports, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the skip path is for CPU-only machines")
+    report = validate(exports["custom"], ValidateOptions(batch=1, decode_steps=1, prompt_tokens=8,
+                                                         engine=tmp_path / "engines"))
+    trt = next(r for r in report.runners if r["name"] == "tensorrt")
+    assert trt["skipped"] and "GPU" in trt["reason"]
+    assert "tensorrt" in report.summary()["skipped"]
+    assert "SKIPPED" in report.table()
+
+
+def test_cli_exit_codes_and_json(exports, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["validate", "--help"])
+    assert result.exit_code == 0 and "--layerwise" in result.output and "polygraphy run" in result.output
+    ok = runner.invoke(main, ["validate", str(exports["decomposed"]), "--batch", "2", "--decode-steps", "2",
+                              "--prompt-tokens", "10", "--json", "--out", str(tmp_path / "ok")])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["passed"] is True
+    broken = _copy(exports["standard"], tmp_path / "broken", _corrupt_weight)
+    bad = runner.invoke(main, ["validate", str(broken), "--decode-steps", "1", "--prompt-tokens", "8"])
+    assert bad.exit_code == 1 and "FAIL" in bad.output
+    usage = runner.invoke(main, ["validate", str(tmp_path / "nowhere")])
+    assert usage.exit_code == 2 and "manifest.json" in usage.output
+    usage = runner.invoke(main, ["validate", str(exports["custom"]), "--atol", "logits:lots"])
+    assert usage.exit_code == 2 and "--atol" in usage.output
+    prompt = runner.invoke(main, ["validate", str(exports["custom"]), "--prompt", "The for statement",
+                                  "--batch", "3", "--decode-steps", "2"])
+    assert prompt.exit_code == 0, prompt.output
