@@ -23,7 +23,7 @@ test: install
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/llmtrt export --model bytes-llama --out $(OUT)/demo/onnx
+	$(BIN)/llmtrt pipeline run configs/pipelines/demo.yaml --out $(OUT)/demo
 
 bench: install
 	$(PY) -m benchmarks.run --quick

@@ -1,0 +1,94 @@
+"""`llmtrt pipeline run|matrix|plan`: the whole flow from one YAML."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pipelines.cli import main, user_errors
+
+EXIT_FAILED = 1
+
+
+@main.group()
+def pipeline() -> None:
+    """Run export -> quantize -> build -> validate -> compare from one YAML (configs/pipelines/*.yaml).
+
+    \b
+    Examples:
+      llmtrt pipeline run configs/pipelines/demo.yaml --out out/demo
+      llmtrt pipeline run configs/pipelines/ci-gate.yaml --only validate,compare --json
+      llmtrt pipeline matrix configs/pipelines/rtx.yaml        (CI job matrix as JSON)
+    """
+
+
+@pipeline.command("run")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output tree (default: out/<name from the YAML>).")
+@click.option("--only", default="", metavar="STAGE[,STAGE]",
+              help="Run only these stage kinds (export, quantize, build, validate, compare); the others must be "
+                   "cached already.")
+@click.option("--force", is_flag=True, help="Rerun stages even when their inputs are unchanged (with --only: those).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary (report.json).")
+@user_errors
+def run_command(config: str, out_dir: str | None, only: str, force: bool, as_json: bool) -> None:
+    """Run the pipeline CONFIG describes; cached stages are skipped.
+
+    Exit code 0 when every gate passes (validation tolerances, accuracy thresholds), 1 when a gate
+    fails, 2 for a bad config or input. Results: DIR/reports/report.md and report.json.
+    """
+    import logging
+
+    from pipelines.pipeline import load_config, run
+
+    # TensorRT's warnings go into each engine manifest ("warnings"); keep the terminal to progress lines.
+    logging.getLogger("pipelines.backends").setLevel(logging.ERROR)
+    cfg = load_config(config)
+    out = Path(out_dir or Path("out") / cfg.name)
+    kinds = [k.strip() for k in only.split(",") if k.strip()]
+    summary = run(cfg, out, only=kinds, force=force, quiet=as_json, config_path=Path(config))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        ran = sum(s["status"] == "ran" for s in summary["stages"])
+        cached = sum(s["status"] == "cached" for s in summary["stages"])
+        click.echo(f"{'PASS' if summary['passed'] else 'FAIL'}: {ran} stage(s) ran, {cached} cached, "
+                   f"{summary['seconds']:.1f} s")
+        click.echo(f"report: {summary['report_md']}")
+    if not summary["passed"]:
+        sys.exit(EXIT_FAILED)
+
+
+@pipeline.command("matrix")
+@click.argument("config", type=click.Path(dir_okay=False))
+@user_errors
+def matrix_command(config: str) -> None:
+    """Print the build matrix (precision x backend x target) as JSON for a CI job matrix.
+
+    \b
+    GitHub Actions: {"include": [...]} goes straight into `strategy.matrix` via fromJSON
+    (see docs/ci.md).
+    """
+    from pipelines.pipeline import load_config, matrix
+
+    click.echo(json.dumps({"include": matrix(load_config(config))}, indent=2))
+
+
+@pipeline.command("plan")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output tree.")
+@user_errors
+def plan_command(config: str, out_dir: str | None) -> None:
+    """List the stages CONFIG runs, their output directories and whether each is cached."""
+    from pipelines.pipeline import RECORD, load_config, plan, stage_key
+
+    cfg = load_config(config)
+    out = Path(out_dir or Path("out") / cfg.name)
+    for stage in plan(cfg, out, Path(config)):
+        record = stage.out_dir / RECORD
+        cached = record.is_file() and json.loads(record.read_text()).get("key") == stage_key(stage)
+        click.echo(f"{stage.name:<40} {'cached' if cached else 'to run':<7} {stage.out_dir}")
