@@ -29,7 +29,7 @@ bench: install
 	$(PY) -m benchmarks.run --quick
 
 lint: install
-	$(BIN)/ruff check exporter plugins pipelines tests
+	$(BIN)/ruff check exporter plugins pipelines tests benchmarks
 
 fixture: install
 	$(PY) -m exporter.train_fixture

@@ -27,6 +27,7 @@ from exporter.iospec import KV_CACHE_LAYOUTS, IOSpec, io_spec
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
+STREAMING_THRESHOLD = 1 << 30  # fp32 weight bytes of a checkpoint above which export streams by default
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class ExportOptions:
     max_positions: int | None = None  # rotary table length; None: config.max_position_embeddings
     external_data: bool | None = None  # None: only when the weights are over 1 GiB
     kv_cache: str = "dynamic"  # "dynamic": past in, past+seq out; "static": fixed-size cache + write_indices
+    # Stream checkpoint tensors into model.onnx.data instead of loading the model (same files, a fraction
+    # of the memory). None: for checkpoints whose fp32 weights are over STREAMING_THRESHOLD bytes.
+    streaming: bool | None = None
 
     def resolved_opset(self) -> int:
         spec = dialects.get(self.dialect)
@@ -151,7 +155,8 @@ def export_model(model, out_dir: str | Path, options: ExportOptions = ExportOpti
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     external = options.external_data if options.external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     onnx_path = write_atomically(proto, out_dir, external)
-    stats = {"export_seconds": round(time.perf_counter() - t0, 3), "weights_bytes": size, "external_data": external}
+    stats = {"export_seconds": round(time.perf_counter() - t0, 3), "weights_bytes": size, "external_data": external,
+             "streaming": False}
     return ExportedModel(onnx_path, model.config, io, options.dialect, opset, stats, options.kv_cache)
 
 
@@ -164,11 +169,18 @@ def _check_writable(out_dir: Path) -> None:
         raise LlmtrtUserError(f"--out {out_dir}: directory is not writable; choose another path or fix its permissions")
 
 
-def write_atomically(proto: onnx.ModelProto, out_dir: Path, external: bool) -> Path:
-    """Save into a temp dir beside the target, then move the data file and finally model.onnx in place."""
+def write_atomically(proto: onnx.ModelProto, out_dir: Path, external: bool, write_data=None) -> Path:
+    """Save into a temp dir beside the target, then move the data file and finally model.onnx in place.
+
+    ``write_data(path)``, when given, writes model.onnx.data itself; ``proto`` then already points
+    its large initializers at that file and is saved as it is.
+    """
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
-        if external:
+        if write_data is not None:
+            write_data(tmp / DATA_FILE)
+            onnx.save_model(proto, tmp / MODEL_FILE)
+        elif external:
             onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=DATA_FILE, size_threshold=1024)
         else:
@@ -177,7 +189,7 @@ def write_atomically(proto: onnx.ModelProto, out_dir: Path, external: bool) -> P
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)
         for written in tmp.iterdir():
             os.chmod(written, 0o644)
-        if external:
+        if external and (tmp / DATA_FILE).exists():
             os.replace(tmp / DATA_FILE, out_dir / DATA_FILE)
         else:
             with contextlib.suppress(FileNotFoundError):
@@ -193,5 +205,46 @@ def export(source: ModelSource, out_dir: str | Path, options: ExportOptions = Ex
     from exporter.weights import load_model
 
     options.resolved_opset()  # fail on a bad option before loading weights
+    if use_streaming(source, options):
+        return export_streaming(source, out_dir, options)
     model = load_model(source, max_positions=options.max_positions)
     return export_model(model, out_dir, options)
+
+
+def use_streaming(source: ModelSource, options: ExportOptions) -> bool:
+    if source.checkpoint_dir is None:
+        if options.streaming:
+            raise LlmtrtUserError(f"--model {source.spec}: streaming export reads an HF checkpoint directory, and "
+                                  "this preset is random-init; leave streaming off or pass a checkpoint")
+        return False
+    if options.streaming is not None:
+        return options.streaming
+    return 4 * source.config.num_parameters > STREAMING_THRESHOLD
+
+
+def export_streaming(source: ModelSource, out_dir: str | Path, options: ExportOptions = ExportOptions()
+                     ) -> ExportedModel:
+    """Export an HF checkpoint without loading it: graph captured with meta weights, tensors copied
+    from the safetensors files into model.onnx.data one block at a time (see exporter/streaming.py).
+    Writes the same files as ``export_model`` on the loaded model."""
+    from exporter import streaming
+
+    out_dir = Path(out_dir)
+    opset = options.resolved_opset()
+    _check_writable(out_dir)
+    t0 = time.perf_counter()
+    config = source.config
+    checkpoint = streaming.Checkpoint(config, source.checkpoint_dir)  # key/shape errors before the capture
+    proto = streaming.capture(checkpoint, config, options.kv_cache, options.max_positions)
+    proto = dialects.finalize(proto, config, options.dialect, opset)
+    io = io_spec(config, options.kv_cache)
+    io.apply_dim_names(proto)
+    size = streaming.initializer_bytes(proto)
+    external = options.external_data if options.external_data is not None else size > EXTERNAL_DATA_THRESHOLD
+    plan = streaming.lay_out(proto, external)
+    streaming.fill_inline(proto, checkpoint)
+    onnx_path = write_atomically(proto, out_dir, external,
+                                 write_data=lambda path: streaming.write_data(path, plan, checkpoint))
+    stats = {"export_seconds": round(time.perf_counter() - t0, 3), "weights_bytes": size, "external_data": external,
+             "streaming": True}
+    return ExportedModel(onnx_path, config, io, options.dialect, opset, stats, options.kv_cache)
