@@ -45,13 +45,20 @@ def main() -> None:
     """Llama-family decoders from PyTorch to ONNX and TensorRT engines, with the numbers checked.
 
     \b
-    Typical flow on the built-in trained model:
+    Everything in one go (what `make demo` runs):
+      llmtrt pipeline run configs/pipelines/demo.yaml --out out/demo
+    \b
+    Or stage by stage, on the built-in trained model:
       llmtrt export --model bytes-llama --out out/onnx
-      llmtrt build out/onnx --out out/engines       (TensorRT / TensorRT-RTX)
-      llmtrt validate out/onnx                      (PyTorch vs ONNX Runtime vs TensorRT)
+      llmtrt quantize out/onnx --to int8-sq --out out/int8-sq
+      llmtrt validate out/int8-sq                   (PyTorch vs ONNX Runtime vs TensorRT)
+      llmtrt compare --artifacts out/onnx,out/int8-sq --out out/compare
+      llmtrt build out/int8-sq --out out/engines    (TensorRT / TensorRT-RTX)
+      llmtrt generate out/onnx --prompt "The"
 
-    Models: an HF checkpoint directory (config.json + safetensors) or a preset name
-    (see `llmtrt export --help`).
+    Models: an HF checkpoint directory (config.json + safetensors) or a preset
+    name (see `llmtrt export --help`). Exit codes: 0 ok, 1 a numerics gate failed,
+    2 bad input (the message names the file or option and the fix).
     """
 
 

@@ -1,0 +1,107 @@
+"""``llmtrt quantize``: an fp32 export rewritten to fp16, bf16, int8 or int4 with the precision in the graph."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from pipelines.cli import main, user_errors
+
+__all__ = ["quantize"]
+
+# Names only, so `--help` needs no numpy/onnx; checked against pipelines.precision.PRECISIONS by a test.
+PRECISION_NAMES = ("fp16", "bf16", "int8-sq", "int8-wo", "int4-awq", "int4-rtn")
+KEEP_CATEGORIES = ("norm", "softmax", "logits")
+
+
+def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    items = [v.strip() for chunk in value for v in chunk.split(",") if v.strip()]
+    return () if items == ["none"] else tuple(items)
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--to", "precision", required=True, type=click.Choice(PRECISION_NAMES),
+              help="fp16 / bf16: half weights and activations (fp32 kept where --keep-fp32 says and where "
+                   "calibration sees fp16 overflow); int8-sq: SmoothQuant W8A8 (int8 weights per channel, "
+                   "static int8 activations, Q/DQ nodes); int8-wo: int8 weights only; int4-awq: int4 weights "
+                   "in blocks with AWQ scales searched on the calibration text; int4-rtn: int4 by plain "
+                   "rounding (the baseline AWQ must beat).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory: model.onnx, manifest.json and, for calibrated precisions, "
+                   "calibration_cache.json (+ calibration_rows.npz), reused when nothing changed.")
+@click.option("--calib-text", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="UTF-8 text like the model's inputs, for fp16, int8-sq and int4-awq "
+                   "(default: configs/text/calib.txt). Tokenized with the model's tokenizer.json, or bytes "
+                   "for the byte-level built-in model.")
+@click.option("--calib-samples", type=int, default=16, show_default=True,
+              help="Calibration windows, evenly spaced over the text.")
+@click.option("--calib-seq-len", type=int, default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--observer", type=click.Choice(["max", "percentile", "entropy"]), default=None,
+              help="How int8-sq turns activation samples into a range: max (default; exact after smoothing), "
+                   "percentile (99.99th) or entropy (TensorRT's KL-divergence calibration).")
+@click.option("--alpha", type=float, default=0.5, show_default=True,
+              help="int8-sq: SmoothQuant migration strength, 0 (all range on activations) .. 1 (on weights).")
+@click.option("--block-size", type=int, default=128, show_default=True,
+              help="int4: input rows per scale block (DequantizeLinear-21 block_size).")
+@click.option("--keep-fp32", "keep_fp32", multiple=True, callback=_keep_fp32, metavar="WHAT[,WHAT]",
+              help="Kept in fp32: categories norm, softmax, logits (default: all three) and/or module names "
+                   "(model.layers.0.mlp.down_proj) or node names (/lm_head/MatMul); `none` for nothing. "
+                   "Repeatable.")
+@click.option("--kv-cache-io", type=click.Choice(["fp32", "half"]), default="fp32", show_default=True,
+              help="fp16 / bf16: type of past_key_values.* / present.* (logits always stay fp32).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary.")
+@user_errors
+def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | None, calib_samples: int,
+             calib_seq_len: int, observer: str | None, alpha: float, block_size: int,
+             keep_fp32: tuple[str, ...] | None, kv_cache_io: str, as_json: bool) -> None:
+    """Rewrite the fp32 export in EXPORT_DIR to another precision, explicitly in the ONNX graph.
+
+    TensorRT 11 and TensorRT-RTX build what the graph says (no fp16/int8 builder flags, no INT8
+    calibrator), so this is the step that makes an fp16, int8 or int4 engine possible. The result
+    runs in ONNX Runtime as it is and is built with `llmtrt build OUT --precision ...`.
+    OUT/manifest.json records the precision, the source ONNX's sha256, the options, a calibration
+    summary and every tensor or node kept in fp32 with the reason.
+
+    \b
+    Examples:
+      llmtrt export --model bytes-llama --out out/onnx
+      llmtrt quantize out/onnx --to fp16 --out out/fp16
+      llmtrt quantize out/onnx --to int8-sq --out out/int8-sq --calib-text my_prompts.txt --alpha 0.6
+      llmtrt quantize out/onnx --to int4-awq --out out/int4-awq --block-size 64
+      llmtrt build out/int4-awq --out out/engines/int4 --precision int4
+    """
+    from pipelines.artifacts import read_manifest
+    from pipelines.precision import PrecisionOptions
+    from pipelines.precision import quantize as run
+
+    kwargs = {} if keep_fp32 is None else {"keep_fp32": keep_fp32}
+    options = PrecisionOptions(calib_text=calib_text, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                               observer=observer, alpha=alpha, block_size=block_size, kv_cache_io=kv_cache_io,
+                               progress=not as_json, **kwargs)
+    if not as_json:
+        click.echo(f"quantizing {export_dir} to {precision}", err=True)
+    t0 = time.perf_counter()
+    out = run(export_dir, out_dir, precision, options)
+    manifest = read_manifest(out)
+    summary = {"onnx": str(out / manifest["onnx"]), "manifest": str(out / "manifest.json"),
+               "precision": precision, "engine_precision": manifest["engine_precision"],
+               "opset": manifest["opset"], "onnx_sha256": manifest["onnx_sha256"],
+               "source_onnx_sha256": manifest["source_onnx_sha256"], "calibration": manifest["calibration"],
+               "fp32_kept": manifest["fp32_kept"], "seconds": round(time.perf_counter() - t0, 3)}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    cal = manifest["calibration"]
+    if cal:
+        click.echo(f"calibration: {cal['windows']} windows x {cal['seq_len']} tokens of {cal['calib_text']} "
+                   f"({cal['cache']}, observer {cal['observer']})")
+    for kept in manifest["fp32_kept"]:
+        click.echo(f"fp32 kept: {kept['name']} ({kept['reason']})")
+    click.echo(f"wrote {summary['onnx']} ({precision}, opset {manifest['opset']}) in {summary['seconds']:.1f} s; "
+               f"build it with --precision {manifest['engine_precision']}")
+
