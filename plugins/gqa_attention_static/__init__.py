@@ -15,6 +15,7 @@ import torch
 from onnx import helper
 from onnxscript.values import Opset
 
+from plugins.gqa_attention import reference as gqa_reference
 from plugins.onnx_function import parse_function, register_schema
 from plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
 
@@ -36,14 +37,13 @@ def scatter_cache(cache: torch.Tensor, new: torch.Tensor, write_indices: torch.T
 
 def reference(q, k, v, attn_mask, key_cache, value_cache, write_indices, q_num_heads: int, kv_num_heads: int,
               scale: float):
+    """Scatter the new rows into the caches, then GroupQueryAttention over the whole cache (as the
+    ONNX function does: the updated cache is the "past" and there are no new rows to append)."""
     present_key = scatter_cache(key_cache, k, write_indices)
     present_value = scatter_cache(value_cache, v, write_indices)
-    groups = q_num_heads // kv_num_heads
-    keys = present_key.repeat_interleave(groups, dim=1)
-    values = present_value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, keys.transpose(2, 3)) * scale + attn_mask.to(q.dtype)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, values), present_key, present_value
+    y, _, _ = gqa_reference(q, k[:, :, :0], v[:, :, :0], attn_mask, present_key, present_value,
+                            q_num_heads, kv_num_heads, scale)
+    return y, present_key, present_value
 
 
 @torch.library.custom_op("llmtrt::gqa_attention_static", mutates_args=())
