@@ -175,7 +175,9 @@ def collect(onnx_path: Path, windows: np.ndarray, linear_inputs: list[str], prog
     import onnxruntime as ort
 
     t0 = time.perf_counter()
-    model = onnx.load(str(onnx_path))
+    # Without the weights: shape inference needs only the graph, and ONNX Runtime reads the external
+    # data itself, so a multi-GB model is never copied into a protobuf (which cannot exceed 2 GB).
+    model = onnx.load(str(onnx_path), load_external_data=False)
     names = float_tensors(model)
     missing = [t for t in linear_inputs if t not in names]
     if missing:
@@ -188,41 +190,43 @@ def collect(onnx_path: Path, windows: np.ndarray, linear_inputs: list[str], prog
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    with tempfile.TemporaryDirectory(prefix="llmtrt-calib-") as tmp:
-        if model.ByteSize() < (1 << 31) - (1 << 26):
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        else:
-            path = Path(tmp) / "calib.onnx"
-            onnx.save(model, str(path), save_as_external_data=True, location="calib.onnx.data")
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        del model
-        widths: dict[str, int] = {}
-        total_rows = windows.shape[0] * windows.shape[1]
-        amax = dict.fromkeys(names, 0.0)
-        ch_amax: dict[str, np.ndarray] = {}
-        ch_sum: dict[str, np.ndarray] = {}
-        rows: dict[str, list[np.ndarray]] = {t: [] for t in linear_inputs}
-        keep_every = 1
-        bar = Progress("calibrating", len(windows)) if progress else None
-        for k, ids in enumerate(windows):
-            outs = session.run(names, _feeds(session, ids[None, :]))
-            for name, value in zip(names, outs, strict=True):
-                if value.size:
-                    amax[name] = max(amax[name], float(np.max(np.abs(value))))
-            for name in linear_inputs:
-                x = outs[names.index(name)]
-                x = x.reshape(-1, x.shape[-1]).astype(np.float32)
-                if name not in widths:
-                    widths[name] = x.shape[1]
-                    ch_amax[name] = np.zeros(x.shape[1], dtype=np.float32)
-                    ch_sum[name] = np.zeros(x.shape[1], dtype=np.float64)
-                    row_bytes = 4 * sum(1 for _ in linear_inputs) * x.shape[1]
-                    keep_every = max(keep_every, math.ceil(total_rows * row_bytes / _ROWS_BUDGET_BYTES))
-                ch_amax[name] = np.maximum(ch_amax[name], np.abs(x).max(axis=0))
-                ch_sum[name] += np.abs(x).sum(axis=0, dtype=np.float64)
-                rows[name].append(x[::keep_every].copy())
-            if bar:
-                bar.update(k + 1)
+    # The graph with extra outputs is written beside the original (ONNX Runtime only reads external
+    # data from the model's own directory, links resolved) and removed once the session holds it.
+    fd, path = tempfile.mkstemp(prefix=".calibration-", suffix=".onnx", dir=onnx_path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, path)
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    finally:
+        Path(path).unlink(missing_ok=True)
+    del model
+    widths: dict[str, int] = {}
+    total_rows = windows.shape[0] * windows.shape[1]
+    amax = dict.fromkeys(names, 0.0)
+    ch_amax: dict[str, np.ndarray] = {}
+    ch_sum: dict[str, np.ndarray] = {}
+    rows: dict[str, list[np.ndarray]] = {t: [] for t in linear_inputs}
+    keep_every = 1
+    bar = Progress("calibrating", len(windows)) if progress else None
+    for k, ids in enumerate(windows):
+        outs = session.run(names, _feeds(session, ids[None, :]))
+        for name, value in zip(names, outs, strict=True):
+            if value.size:
+                amax[name] = max(amax[name], float(np.max(np.abs(value))))
+        for name in linear_inputs:
+            x = outs[names.index(name)]
+            x = x.reshape(-1, x.shape[-1]).astype(np.float32)
+            if name not in widths:
+                widths[name] = x.shape[1]
+                ch_amax[name] = np.zeros(x.shape[1], dtype=np.float32)
+                ch_sum[name] = np.zeros(x.shape[1], dtype=np.float64)
+                row_bytes = 4 * sum(1 for _ in linear_inputs) * x.shape[1]
+                keep_every = max(keep_every, math.ceil(total_rows * row_bytes / _ROWS_BUDGET_BYTES))
+            ch_amax[name] = np.maximum(ch_amax[name], np.abs(x).max(axis=0))
+            ch_sum[name] += np.abs(x).sum(axis=0, dtype=np.float64)
+            rows[name].append(x[::keep_every].copy())
+        if bar:
+            bar.update(k + 1)
     count = windows.shape[0] * windows.shape[1]
     return CalibrationStats(
         amax=amax, channel_amax=ch_amax,
