@@ -732,6 +732,7 @@ def _write_onnx_atomically(model, out_dir: Path, name: str = "model.onnx") -> Pa
                       location=f"{name}.data", size_threshold=1024)
         else:
             onnx.save(model, str(path))
+        onnx.checker.check_model(str(path))  # from the file: a proto over 2 GB cannot be checked in memory
         for f in sorted(tmp.iterdir()):
             os.chmod(f, 0o644)
         stale = out_dir / f"{name}.data"
@@ -780,26 +781,27 @@ def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
     except OSError as exc:
         raise LlmtrtUserError(f"--out {out_dir}: cannot create it ({exc.strerror})") from None
     source_sha = raw.get("onnx_sha256") or onnx_sha256(exported.onnx_path)
-    model = onnx.load(str(exported.onnx_path))
-    rw = Rewrite(model, options)
-    opset = raise_opset(model, entry.min_opset) if entry.min_opset else exported.opset
 
-    calibration: dict[str, Any] | None = None
+    # Calibrate first, from the graph alone (ONNX Runtime reads the weights itself), so the weights
+    # are held once at a time: by the calibration session, then by the rewrite.
+    stats, calibration = None, None
     if entry.calibrated:
         from pipelines.calibration import DEFAULT_CALIB_TEXT, calibrate
         from pipelines.tokenizer import load_tokenizer
 
         text = Path(options.calib_text) if options.calib_text else DEFAULT_CALIB_TEXT
-        scout = Rewrite(model, options)  # same graph, report discarded: just the linear layers' inputs
+        scout = Rewrite(onnx.load(str(exported.onnx_path), load_external_data=False), options)
         linear_inputs = list(dict.fromkeys(lin.node.input[0] for lin in scout.linears()))
-        rw.stats = calibrate(exported.onnx_path, source_sha, out_dir, text, load_tokenizer(src_dir),
-                             options.calib_samples, options.calib_seq_len, linear_inputs, progress=options.progress)
-        calibration = {**rw.stats.summary(), "observer": options.observer or entry.observer or "max"}
+        stats = calibrate(exported.onnx_path, source_sha, out_dir, text, load_tokenizer(src_dir),
+                          options.calib_samples, options.calib_seq_len, linear_inputs, progress=options.progress)
+        calibration = {**stats.summary(), "observer": options.observer or entry.observer or "max"}
+    model = onnx.load(str(exported.onnx_path))
+    rw = Rewrite(model, options, stats=stats)
+    opset = raise_opset(model, entry.min_opset) if entry.min_opset else exported.opset
     try:
         entry.apply(rw)
     finally:
         rw.flush()
-    onnx.checker.check_model(model)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest describing a graph being replaced
     path = _write_onnx_atomically(model, out_dir)
 
