@@ -1,10 +1,15 @@
-"""Write a random-init HF Llama checkpoint (config.json + model.safetensors) in chunks, never holding
-more than one tensor: the benchmark checkpoints are too big to build with transformers in 24 GiB.
+"""Write a random-init HF Llama checkpoint (config.json + model.safetensors + a tokenizer) in chunks,
+never holding more than one tensor: the benchmark checkpoints are too big to build with transformers
+in 24 GiB.
 
     python -m benchmarks.make_checkpoint --shape 1.1b --out /tmp/llmtrt-bench/llama-1.1b
     python -m benchmarks.make_checkpoint --shape 8b --dtype bf16 --out /tmp/llmtrt-bench/llama-8b
 
-Weights are normal(0, 0.02), norms 1 + normal(0, 0.1), seeded. Keep the output out of git.
+Weights are normal(0, 0.02), norms 1 + normal(0, 0.1), seeded. The tokenizer (tokenizer.json +
+tokenizer_config.json, as transformers saves it) is byte-level with Llama's special tokens
+<unk>=0, <s>=1, </s>=2, the 256 byte symbols at 3..258 and unused ``<extra_N>`` tokens filling the
+vocabulary, so any text encodes and the onnxruntime-genai model builder, which loads the checkpoint's
+tokenizer first, runs on it. Keep the output out of git.
 """
 
 from __future__ import annotations
@@ -26,13 +31,48 @@ SHAPES = {  # the shapes the issue measures the peers with
                intermediate_size=14336, vocab_size=128256),
 }
 _ST_DTYPES = {"fp32": ("F32", 4), "bf16": ("BF16", 2)}
+BOS_ID, EOS_ID = 1, 2
 
 
 def hf_config(shape: str) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
             "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-            "torch_dtype": "float32", **SHAPES[shape]}
+            "torch_dtype": "float32", "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, **SHAPES[shape]}
+
+
+def write_tokenizer(out: str | Path, vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` tokens, saved the way HF checkpoints carry one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < len(specials) + len(alphabet):
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(specials) + len(alphabet)} tokens of a byte tokenizer")
+    names = specials + alphabet + [f"<extra_{n}>" for n in range(vocab_size - len(specials) - len(alphabet))]
+    tok = Tokenizer(models.BPE(vocab={name: i for i, name in enumerate(names)}, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return out / "tokenizer.json"
+
+
+def ensure_tokenizer(checkpoint: str | Path) -> None:
+    """Give a checkpoint written before tokenizers were added its tokenizer and bos/eos ids."""
+    checkpoint = Path(checkpoint)
+    config_path = checkpoint / "config.json"
+    config = json.loads(config_path.read_text())
+    if "bos_token_id" not in config or "eos_token_id" not in config:
+        config.update(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+        tmp = checkpoint / ".config.json.partial"
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, config_path)
+    if not (checkpoint / "tokenizer.json").is_file():
+        write_tokenizer(checkpoint, config["vocab_size"])
 
 
 def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
@@ -87,6 +127,7 @@ def write_checkpoint(out: str | Path, shape: str = "1.1b", dtype: str = "fp32", 
                 f.write(_encode(x, dtype))
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_tokenizer(out, config["vocab_size"])
     return out
 
 

@@ -1,14 +1,22 @@
-"""Benchmarks: export time and peak memory, ONNX Runtime CPU prefill/decode per dialect against PyTorch
-eager and the memory-bandwidth bound, in one run. Prints a table and writes JSON.
+"""Benchmarks: export time and peak memory, ONNX Runtime CPU prefill/decode of our graphs per dialect and
+precision, against PyTorch eager, the onnxruntime-genai model builder and the memory-bandwidth bound, in
+one run. Prints a table and writes JSON.
 
     python -m benchmarks.run --quick --json out/bench.json   # tiny + bytes-llama only (CI smoke, < 1 min)
     python -m benchmarks.run --json out/bench.json           # + 1.1B-shaped export, 156M-shaped decode
+    python -m benchmarks.run --profile out/profile           # ORT profile of one decode step, ours vs builder
 
 Each export runs in its own subprocess so its peak RSS is its own. Decode: batch 1, a 128-token prompt
-(prefill latency), then 128 greedy tokens with the KV cache (tokens/s), ONNX Runtime on 2 threads;
-medians over repeats. The bandwidth bound is (numpy copy GB/s) / (bytes read per decoded token:
-every weight but the embedding table, plus the KV cache). Benchmark checkpoints are written under
---work (default /tmp/llmtrt-bench) by benchmarks.make_checkpoint and are never part of the repo.
+(prefill latency), then 128 greedy tokens with the KV cache (tokens/s), 2 threads; medians over
+repeats. Our graphs run in ONNX Runtime: fp32 in each dialect, int8-wo and int4-awq (when
+pipelines.precision is importable) of the first dialect. The builder's graphs (onnxruntime-genai in
+.venv-bench; -p fp32/int8/int4 -e cpu) run in the onnxruntime-genai runtime, which their shared KV
+buffers need; the same builder exports the 1.1B-shaped checkpoint next to ours. Every row's prefill
+logits and greedy tokens are checked against our first fp32 graph (same checkpoint, same prompt).
+The bandwidth bound is (numpy copy GB/s) / (fp32 bytes read per decoded token: every weight but the
+embedding table, plus the KV cache). Benchmark checkpoints (config.json, model.safetensors and a
+byte-level tokenizer.json) are written under --work (default /tmp/llmtrt-bench) by
+benchmarks.make_checkpoint and are never part of the repo.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,13 +80,40 @@ def measure_export(spec: str, out: Path, dialect: str = "custom") -> dict:
 
 # --- decode ----------------------------------------------------------------------------------------
 
-def _prompt(vocab: int, n: int):
+def prompt_ids(vocab: int, n: int):
     import numpy as np
 
     return (np.arange(n, dtype=np.int64) * 7919 % vocab)[None]
 
 
+def empty_cache(config) -> list:
+    import numpy as np
+
+    shape = (1, config.num_key_value_heads, 0, config.head_dim)
+    return [np.zeros(shape, np.float32) for _ in range(2 * config.num_hidden_layers)]
+
+
+def ort_step(sess, config):
+    """step(ids, start, past) -> (logits, presents) for a session on our exported graph IO."""
+    import numpy as np
+
+    out_names = [o.name for o in sess.get_outputs()]
+
+    def step(ids, start, past):
+        n = ids.shape[1]
+        feeds = {"input_ids": ids, "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
+                 "attention_mask": np.ones((1, start + n), dtype=np.int64)}
+        for i in range(config.num_hidden_layers):
+            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+        outs = sess.run(out_names, feeds)
+        return outs[0], outs[1:]
+
+    return step
+
+
 def ort_decode(onnx_path: Path, config, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Prefill latency and greedy decode tokens/s; ``_prefill_logits`` (last position) and ``_tokens`` (the
+    greedy continuation) are returned for agreement checks between graphs and dropped from the report."""
     import numpy as np
     import onnxruntime as ort
 
@@ -85,33 +121,28 @@ def ort_decode(onnx_path: Path, config, prompt_len: int, new_tokens: int, repeat
     opts.intra_op_num_threads = THREADS
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    layers, kv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    out_names = [o.name for o in sess.get_outputs()]
-
-    def step(ids, start, past):
-        n = ids.shape[1]
-        feeds = {"input_ids": ids, "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
-                 "attention_mask": np.ones((1, start + n), dtype=np.int64)}
-        for i in range(layers):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
-        outs = sess.run(out_names, feeds)
-        return outs[0], outs[1:]
-
-    empty = [np.zeros((1, kv, 0, d), np.float32) for _ in range(2 * layers)]
-    prompt = _prompt(config.vocab_size, prompt_len)
-    step(prompt, 0, empty)  # warm-up
+    step = ort_step(sess, config)
+    empty = empty_cache(config)
+    prompt = prompt_ids(config.vocab_size, prompt_len)
+    first_logits, _ = step(prompt, 0, empty)  # warm-up
     prefill = _median_time(lambda: step(prompt, 0, empty), repeats)
 
+    tokens: list[int] = []
+
     def decode():
+        tokens.clear()
         logits, past = step(prompt, 0, empty)
         t0 = time.perf_counter()
         for k in range(new_tokens):
             token = logits[:, -1:].argmax(-1).astype(np.int64)
+            tokens.append(int(token[0, 0]))
             logits, past = step(token, prompt_len + k, past)
         return time.perf_counter() - t0
 
     seconds = statistics.median(decode() for _ in range(repeats))
-    return {"prefill_ms": round(1000 * prefill, 2), "decode_tok_s": round(new_tokens / seconds, 2)}
+    result = {"prefill_ms": round(1000 * prefill, 2), "decode_tok_s": round(new_tokens / seconds, 2),
+              "_prefill_logits": first_logits[0, -1], "_tokens": list(tokens)}
+    return result
 
 
 def torch_eager_decode(checkpoint_dir: Path, config, prompt_len: int, new_tokens: int, repeats: int) -> dict:
@@ -120,26 +151,30 @@ def torch_eager_decode(checkpoint_dir: Path, config, prompt_len: int, new_tokens
 
     torch.set_num_threads(THREADS)
     model = LlamaForCausalLM.from_pretrained(str(checkpoint_dir), torch_dtype=torch.float32).eval()
-    prompt = torch.from_numpy(_prompt(config.vocab_size, prompt_len))
+    prompt = torch.from_numpy(prompt_ids(config.vocab_size, prompt_len))
 
     def prefill():
         with torch.no_grad():
             return model(prompt, use_cache=True)
 
-    prefill()
+    first_logits = prefill().logits[0, -1].numpy()
     prefill_s = _median_time(prefill, repeats)
+    tokens: list[int] = []
 
     def decode():
+        tokens.clear()
         out = prefill()
         t0 = time.perf_counter()
         with torch.no_grad():
             for _ in range(new_tokens):
                 token = out.logits[:, -1:].argmax(-1)
+                tokens.append(int(token[0, 0]))
                 out = model(token, past_key_values=out.past_key_values, use_cache=True)
         return time.perf_counter() - t0
 
     seconds = statistics.median(decode() for _ in range(repeats))
-    return {"prefill_ms": round(1000 * prefill_s, 2), "decode_tok_s": round(new_tokens / seconds, 2)}
+    return {"prefill_ms": round(1000 * prefill_s, 2), "decode_tok_s": round(new_tokens / seconds, 2),
+            "_prefill_logits": first_logits, "_tokens": list(tokens)}
 
 
 def bytes_per_token(config, context: int) -> int:
@@ -152,95 +187,276 @@ def bytes_per_token(config, context: int) -> int:
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def _ensure_checkpoint(work: Path, shape: str) -> Path:
-    from benchmarks.make_checkpoint import write_checkpoint
+def ensure_checkpoint(work: Path, shape: str) -> Path:
+    from benchmarks.make_checkpoint import ensure_tokenizer, write_checkpoint
 
     path = work / f"llama-{shape}"
     if not (path / "model.safetensors").exists():
         print(f"writing the {shape}-shaped checkpoint to {path} ...", flush=True)
         write_checkpoint(path, shape)
+    ensure_tokenizer(path)  # checkpoints written before the tokenizer was added
     return path
 
 
-def run(quick: bool, work: Path, repeats: int, dialects: list[str]) -> dict:
+GENAI_PRECISIONS = ("fp32", "int8", "int4")  # the builder's CPU precisions (-p ... -e cpu)
+OUR_QUANTIZED = ("int8-wo", "int4-awq")       # pipelines.precision.quantize() of our fp32 export
+
+
+def bench_python() -> Path:
+    return Path(__file__).resolve().parent.parent / ".venv-bench" / "bin" / "python"
+
+
+def genai_build(checkpoint: Path, out: Path, precision: str) -> dict:
+    """Run the onnxruntime-genai model builder (in .venv-bench) on an HF checkpoint directory: its wall
+    seconds and peak RSS (GNU time), or ``error`` with the last lines it printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(bench_python()), "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
+           "-p", precision, "-e", "cpu", "-c", str(out.parent / "hf-cache")]
+    gnu_time = Path("/usr/bin/time")
+    if gnu_time.exists():
+        cmd = [str(gnu_time), "-f", "__rss_kb__ %M", *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=str(out.parent))
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0 or not (out / "model.onnx").exists():
+        tail = [line for line in proc.stderr.splitlines() if line.strip() and "__rss_kb__" not in line][-3:]
+        return {"error": f"builder -p {precision} exited {proc.returncode}: {' | '.join(tail)[-400:]}"}
+    row = {"export_seconds": round(seconds, 2)}
+    rss = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("__rss_kb__")]
+    if rss:
+        row["peak_rss_bytes"] = int(rss[-1]) * 1024
+    return row
+
+
+def genai_decode(model_dir: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Prefill/decode of a builder graph in the onnxruntime-genai runtime (benchmarks.genai_decode in
+    .venv-bench). Not plain ONNX Runtime: the builder's graph shares past and present KV buffers
+    (past_present_share_buffer), and fed a growing cache without that sharing its decode steps go wrong
+    (greedy tokens diverge from PyTorch after the first one), while its own runtime matches PyTorch."""
+    import numpy as np
+
+    proc = subprocess.run([str(bench_python()), "-m", "benchmarks.genai_decode", str(model_dir), "--prompt",
+                           str(prompt_len), "--new", str(new_tokens), "--repeats", str(repeats), "--threads",
+                           str(THREADS)], capture_output=True, text=True, check=False,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    if proc.returncode != 0:
+        return {"error": f"benchmarks.genai_decode exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"prefill_ms": out["prefill_ms"], "decode_tok_s": out["decode_tok_s"], "_tokens": out["tokens"],
+            "_prefill_logits": np.asarray(out["prefill_logits_last"], dtype=np.float32)}
+
+
+def _genai_version() -> str | None:
+    """The onnxruntime-genai version importable by .venv-bench's python, else None."""
+    if not bench_python().exists():
+        return None
+    proc = subprocess.run([str(bench_python()), "-c", "import onnxruntime_genai as g; print(g.__version__)"],
+                          capture_output=True, text=True, check=False, cwd="/")
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _agreement(row: dict, reference: dict) -> None:
+    """Same checkpoint, same prompt: max |logit difference| at the prefill's last position, and after how
+    many greedy tokens the row's continuation first differs from the reference graph's (all equal: new_tokens)."""
+    import numpy as np
+
+    diff = np.max(np.abs(row["_prefill_logits"] - reference["_prefill_logits"]))
+    row["max_abs_logit_diff_vs_ref"] = round(float(diff), 6)
+    ours, ref = row["_tokens"], reference["_tokens"]
+    row["greedy_tokens_equal_ref"] = next((k for k, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b),
+                                          len(ref))
+
+
+def run(quick: bool, work: Path, repeats: int, dialects: list[str], with_genai: bool = True) -> dict:
     from exporter.config import resolve_model
 
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"quick": quick, "threads": THREADS, "repeats": repeats, "cpu_count": os.cpu_count(),
-                    "load_average": os.getloadavg()}
+                    "load_average_start": os.getloadavg()}
     report["memory_bandwidth_gbs"] = round(memory_bandwidth_gbs(), 2)
+    genai_version = _genai_version() if with_genai and not quick else None
+    report["onnxruntime_genai"] = genai_version or (
+        "not measured: --quick" if quick else "not measured: --no-genai" if not with_genai else
+        "not measured: no .venv-bench with onnxruntime-genai (python -m venv .venv-bench; "
+        ".venv-bench/bin/pip install onnxruntime-genai)")
 
-    export_models = ["tiny", "bytes-llama"] + ([] if quick else [str(_ensure_checkpoint(work, "1.1b"))])
+    export_models = ["tiny", "bytes-llama"] + ([] if quick else [str(ensure_checkpoint(work, "1.1b"))])
     report["export"] = []
     for spec in export_models:
-        row = {"model": spec, **measure_export(spec, work / "export" / Path(spec).name)}
-        row["peak_rss_over_fp32_weights"] = round(row["peak_rss_bytes"] / (4 * resolve_model(spec).config.num_parameters), 3)
+        row = {"model": spec, "exporter": "llmtrt", **measure_export(spec, work / "export" / Path(spec).name)}
+        fp32_bytes = 4 * resolve_model(spec).config.num_parameters
+        row["peak_rss_over_fp32_weights"] = round(row["peak_rss_bytes"] / fp32_bytes, 3)
         report["export"].append(row)
+        if genai_version and Path(spec).is_dir():  # the builder needs an HF checkpoint dir with a tokenizer
+            out = work / "genai-export" / Path(spec).name
+            brow = {"model": spec, "exporter": f"onnxruntime-genai {genai_version}",
+                    **genai_build(Path(spec), out, "fp32")}
+            shutil.rmtree(out, ignore_errors=True)  # 4.4 GB for the 1.1B shape: keep only the figures
+            if "error" not in brow:
+                brow["peak_rss_over_fp32_weights"] = round(brow.get("peak_rss_bytes", 0) / fp32_bytes, 3)
+                row["seconds_vs_builder"] = round(row["export_seconds"] / brow["export_seconds"], 3)
+            report["export"].append(brow)
 
-    decode_spec = "bytes-llama" if quick else str(_ensure_checkpoint(work, "156m"))
+    decode_spec = "bytes-llama" if quick else str(ensure_checkpoint(work, "156m"))
     source = resolve_model(decode_spec)
     prompt_len, new_tokens = (32, 32) if quick else (128, 128)
     bound_bytes = bytes_per_token(source.config, prompt_len + new_tokens // 2)
     decode = {"model": decode_spec, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
               "bytes_per_token": bound_bytes,
               "bandwidth_bound_tok_s": round(report["memory_bandwidth_gbs"] * 1e9 / bound_bytes, 2),
-              "rows": []}
+              "rows": [], "errors": []}
     from exporter.onnx_export import ExportOptions, export
+    from pipelines.artifacts import write_export_manifest
 
     for dialect in dialects:  # exported in this process: only the timings below matter here
         out = work / "decode" / dialect
-        export(source, out, ExportOptions(dialect=dialect))
-        row = {"runtime": "onnxruntime", "dialect": dialect, "precision": "fp32",
-               **ort_decode(out / "model.onnx", source.config, prompt_len, new_tokens, repeats)}
-        decode["rows"].append(row)
-    if importlib.util.find_spec("pipelines.precision") is None:
-        decode["quantized"] = "skipped: pipelines.precision is not in this tree yet"
+        write_export_manifest(export(source, out, ExportOptions(dialect=dialect)), decode_spec)  # quantize() reads it
+        decode["rows"].append({"runtime": "onnxruntime", "graph": "llmtrt", "dialect": dialect, "precision": "fp32",
+                               **ort_decode(out / "model.onnx", source.config, prompt_len, new_tokens, repeats)})
+    decode["rows"].extend(_our_quantized(decode, work, source, dialects[0], prompt_len, new_tokens, repeats, quick))
+    if genai_version:
+        for precision in GENAI_PRECISIONS:
+            out = work / "genai" / precision
+            built = genai_build(source.checkpoint_dir, out, precision)
+            if "error" in built:
+                decode["errors"].append(f"onnxruntime-genai {precision}: {built['error']}")
+                continue
+            measured = genai_decode(out, prompt_len, new_tokens, repeats)
+            if "error" in measured:
+                decode["errors"].append(f"onnxruntime-genai {precision} decode: {measured['error']}")
+                continue
+            decode["rows"].append({"runtime": "onnxruntime-genai", "graph": f"genai-builder {genai_version}",
+                                   "dialect": "-", "precision": precision, "build_seconds": built["export_seconds"],
+                                   **measured})
     if source.checkpoint_dir is not None and importlib.util.find_spec("transformers") is not None:
-        decode["rows"].append({"runtime": "pytorch-eager", "dialect": "-", "precision": "fp32",
-                               **torch_eager_decode(source.checkpoint_dir, source.config, prompt_len,
-                                                    new_tokens, repeats)})
-    decode["onnxruntime_genai"] = _genai_status()
-    eager = next((r for r in decode["rows"] if r["runtime"] == "pytorch-eager"), None)
-    for row in decode["rows"]:
+        decode["rows"].append({"runtime": "pytorch-eager", "graph": "transformers", "dialect": "-",
+                               "precision": "fp32", **torch_eager_decode(source.checkpoint_dir, source.config,
+                                                                         prompt_len, new_tokens, repeats)})
+    _ratios(decode)
+    report["decode"] = decode
+    report["load_average_end"] = os.getloadavg()
+    return report
+
+
+QUANTIZE_MEMORY_LIMIT = 16 << 30  # address-space cap of the quantize child: fail it, not the shared machine
+
+
+def _quantize_child(src: str, out: str, precision: str) -> None:
+    """Runs in a subprocess: quantize one export, print one JSON line with seconds and peak RSS."""
+    from pipelines.precision import PrecisionOptions, quantize
+
+    t0 = time.perf_counter()
+    quantize(src, out, precision, PrecisionOptions(progress=False))
+    print(json.dumps({"quantize_seconds": round(time.perf_counter() - t0, 2),
+                      "quantize_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (QUANTIZE_MEMORY_LIMIT, QUANTIZE_MEMORY_LIMIT))
+
+
+def quantize_for_bench(src: Path, out: Path, precision: str) -> dict:
+    """quantize() of ``src`` into ``out`` in a memory-capped subprocess. A graph quantized earlier from
+    the same source graph (manifest source_onnx_sha256 equal to src's onnx_sha256) is reused, with the
+    seconds its manifest recorded."""
+    source_sha = json.loads((src / "manifest.json").read_text())["onnx_sha256"]
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        old = json.loads(manifest.read_text())
+        if old.get("precision") == precision and old.get("source_onnx_sha256") == source_sha:
+            return {"quantize_seconds": old["stats"]["quantize_seconds"],
+                    "quantized": "reused: an earlier quantize() of this same source graph"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quantize-child", str(src), str(out), precision],
+                          capture_output=True, text=True, check=False, preexec_fn=_limit_memory)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"killed by signal {-proc.returncode}"])[-1]
+        return {"error": f"quantize() exited {proc.returncode} under a {QUANTIZE_MEMORY_LIMIT >> 30} GiB "
+                         f"address-space cap: {last[-300:]}"}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "quantized": "now"}
+
+
+def _our_quantized(decode: dict, work: Path, source, dialect: str, prompt_len: int, new_tokens: int,
+                   repeats: int, quick: bool) -> list[dict]:
+    """int8-wo and int4-awq of our fp32 export in ``dialect`` via pipelines.precision.quantize
+    (calibration included in quantize_seconds)."""
+    if quick:
+        return []
+    if importlib.util.find_spec("pipelines.precision") is None:
+        decode["errors"].append("int8/int4 (ours): pipelines.precision is not in this tree")
+        return []
+    rows = []
+    for precision in OUR_QUANTIZED:
+        out = work / "decode" / f"{dialect}-{precision}"
+        done = quantize_for_bench(work / "decode" / dialect, out, precision)
+        if "error" in done:
+            decode["errors"].append(f"{precision} (ours): {done['error']}")
+            continue
+        rows.append({"runtime": "onnxruntime", "graph": "llmtrt", "dialect": dialect, "precision": precision, **done,
+                     **ort_decode(out / "model.onnx", source.config, prompt_len, new_tokens, repeats)})
+    return rows
+
+
+def _ratios(decode: dict) -> None:
+    """of_bound, ratios vs PyTorch eager and vs the builder's graph of the same bit width (fp32 -> fp32,
+    int8-* -> int8, int4-* -> int4), agreement with our first fp32 graph; drops the private fields."""
+    rows = decode["rows"]
+    eager = next((r for r in rows if r["runtime"] == "pytorch-eager"), None)
+    builder = {r["precision"]: r for r in rows if r["graph"].startswith("genai-builder")}
+    reference = next((r for r in rows if r["graph"] == "llmtrt" and r["precision"] == "fp32"), None)
+    if reference is not None:
+        decode["agreement_reference"] = f"onnxruntime {reference['dialect']} fp32"
+    for row in rows:
         row["of_bound"] = round(row["decode_tok_s"] / decode["bandwidth_bound_tok_s"], 3)
         if eager is not None:
             row["decode_vs_eager"] = round(row["decode_tok_s"] / eager["decode_tok_s"], 3)
             row["prefill_vs_eager"] = round(row["prefill_ms"] / eager["prefill_ms"], 3)
-    report["decode"] = decode
-    return report
+        peer = builder.get(row["precision"].split("-")[0])
+        if peer is not None:
+            row["decode_vs_builder"] = round(row["decode_tok_s"] / peer["decode_tok_s"], 3)
+            row["prefill_vs_builder"] = round(row["prefill_ms"] / peer["prefill_ms"], 3)
+        if reference is not None and row is not reference and "_tokens" in row:
+            _agreement(row, reference)
+    for row in rows:
+        for key in [k for k in row if k.startswith("_")]:
+            del row[key]
 
 
-def _genai_status() -> str:
-    venv = Path(__file__).resolve().parent.parent / ".venv-bench" / "bin" / "python"
-    if not venv.exists():
-        return "not measured: no .venv-bench (pip install onnxruntime-genai there to compare with its builder)"
-    proc = subprocess.run([str(venv), "-c", "import onnxruntime_genai as g; print(g.__version__)"],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return f"not measured: onnxruntime_genai does not import in .venv-bench ({proc.stderr.strip()[-200:]})"
-    return (f"onnxruntime-genai {proc.stdout.strip()} installed, not benchmarked: its model builder loads an HF "
-            "tokenizer from the checkpoint first, and the benchmark checkpoints have none")
+def _num(value, spec: str, width: int) -> str:
+    return f"{value:>{width}{spec}}" if isinstance(value, int | float) else f"{'-':>{width}}"
 
 
 def format_table(report: dict) -> str:
-    lines = [f"memory bandwidth (numpy copy): {report['memory_bandwidth_gbs']} GB/s; load average "
-             f"{', '.join(f'{x:.2f}' for x in report['load_average'])} on {report['cpu_count']} cores", "",
-             f"{'export':<40} {'seconds':>8} {'peak RSS GB':>12} {'RSS/fp32 weights':>17} {'streaming':>9}"]
+    loads = [", ".join(f"{x:.2f}" for x in report[k]) for k in ("load_average_start", "load_average_end") if k in report]
+    lines = [f"memory bandwidth (numpy copy): {report['memory_bandwidth_gbs']} GB/s; {report['cpu_count']} cores; "
+             f"load average {' -> '.join(loads)}; onnxruntime-genai: {report['onnxruntime_genai']}", "",
+             f"{'export':<18} {'exporter':<26} {'seconds':>8} {'peak RSS GB':>11} {'RSS/fp32 w':>10} "
+             f"{'vs builder':>10} {'streaming':>9}"]
     for r in report["export"]:
-        lines.append(f"{Path(r['model']).name:<40} {r['export_seconds']:>8.2f} {r['peak_rss_bytes'] / 1e9:>12.2f} "
-                     f"{r['peak_rss_over_fp32_weights']:>17.3f} {str(r['streaming']):>9}")
+        if "error" in r:
+            lines.append(f"{Path(r['model']).name:<18} {r['exporter']:<26} {r['error']}")
+            continue
+        lines.append(f"{Path(r['model']).name:<18} {r['exporter']:<26} {r['export_seconds']:>8.2f} "
+                     f"{_num(r.get('peak_rss_bytes', 0) / 1e9, '.2f', 11)} {_num(r.get('peak_rss_over_fp32_weights'), '.3f', 10)} "
+                     f"{_num(r.get('seconds_vs_builder'), '.3f', 10)} {str(r.get('streaming', '-')):>9}")
     d = report["decode"]
     lines += ["", f"decode: {Path(d['model']).name}, prompt {d['prompt_tokens']}, {d['new_tokens']} new tokens, "
-              f"batch 1, {report['threads']} threads; bound {d['bandwidth_bound_tok_s']} tok/s "
-              f"({d['bytes_per_token'] / 1e9:.3f} GB/token)",
-              f"{'runtime':<14} {'dialect':<11} {'prec':<5} {'prefill ms':>10} {'tok/s':>8} {'of bound':>8} "
-              f"{'vs eager':>8}"]
+              f"batch 1, {report['threads']} threads; fp32 bandwidth bound {d['bandwidth_bound_tok_s']} tok/s "
+              f"({d['bytes_per_token'] / 1e9:.3f} GB/token); agreement vs {d.get('agreement_reference', '-')}",
+              f"{'graph':<20} {'dialect':<10} {'precision':<9} {'prefill ms':>10} {'tok/s':>7} {'of bound':>8} "
+              f"{'vs eager':>8} {'vs builder':>10} {'pf vs bld':>9} {'max|dlogit|':>11} {'same tok':>8} {'prep s':>7}"]
     for r in d["rows"]:
-        lines.append(f"{r['runtime']:<14} {r['dialect']:<11} {r['precision']:<5} {r['prefill_ms']:>10.1f} "
-                     f"{r['decode_tok_s']:>8.1f} {r['of_bound']:>8.3f} {r.get('decode_vs_eager', float('nan')):>8.3f}")
-    if "quantized" in d:
-        lines.append(f"int8/int4: {d['quantized']}")
-    lines.append(f"onnxruntime-genai builder: {d['onnxruntime_genai']}")
+        graph = r["graph"].replace("genai-builder", "genai")
+        lines.append(f"{graph:<20} {r['dialect']:<10} {r['precision']:<9} {r['prefill_ms']:>10.1f} "
+                     f"{r['decode_tok_s']:>7.1f} {r['of_bound']:>8.3f} {_num(r.get('decode_vs_eager'), '.3f', 8)} "
+                     f"{_num(r.get('decode_vs_builder'), '.3f', 10)} {_num(r.get('prefill_vs_builder'), '.3f', 9)} "
+                     f"{_num(r.get('max_abs_logit_diff_vs_ref'), '.2e', 11)} "
+                     f"{_num(r.get('greedy_tokens_equal_ref'), 'd', 8)} "
+                     f"{_num(r.get('quantize_seconds', r.get('build_seconds')), '.1f', 7)}")
+    lines += ["(of bound: decode tok/s over the fp32 bound; prep s: our quantize seconds incl. calibration, or the "
+              "builder's build seconds; same tok: greedy tokens equal to the reference before the first difference)"]
+    lines += [f"{r['dialect']} {r['precision']}: prep s from the manifest, {r['quantized']}"
+              for r in d["rows"] if str(r.get("quantized", "")).startswith("reused")]
+    lines += [f"not measured: {e}" for e in d.get("errors", [])]
     return "\n".join(lines)
 
 
@@ -253,13 +469,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="scratch directory for checkpoints and exports (default /tmp/llmtrt-bench)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats per timing (default 1 quick, 3 full)")
     ap.add_argument("--dialects", default="custom,standard,decomposed", help="comma-separated dialects to decode")
+    ap.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai builder rows")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="only profile one decode step of our graphs and the builder's (benchmarks.profile_decode) "
+                         "on the 156M-shaped model and write DIR/profile.json + the summary table")
     ap.add_argument("--export-child", nargs=3, metavar=("SPEC", "OUT", "DIALECT"), help=argparse.SUPPRESS)
+    ap.add_argument("--quantize-child", nargs=3, metavar=("SRC", "OUT", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.export_child:
         _export_child(*args.export_child)
         return 0
+    if args.quantize_child:
+        _quantize_child(*args.quantize_child)
+        return 0
+    if args.profile:
+        from benchmarks.profile_decode import main as profile_main
+
+        return profile_main(["--work", str(args.work), "--out", str(args.profile)])
     repeats = args.repeats or (1 if args.quick else 3)
-    report = run(args.quick, args.work, repeats, args.dialects.split(","))
+    report = run(args.quick, args.work, repeats, args.dialects.split(","), with_genai=not args.no_genai)
     print(format_table(report))
     if args.json:
         from pipelines.artifacts import write_json_atomically

@@ -260,9 +260,12 @@ def _dequantized_weight(rw: Rewrite, lin: Linear, q: np.ndarray, scale: np.ndarr
 
 
 def _remove_initializer(model, name: str) -> None:
-    keep = [t for t in model.graph.initializer if t.name != name]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    """Delete one initializer in place (rebuilding the list would copy every tensor, each time)."""
+    inits = model.graph.initializer
+    for i, t in enumerate(inits):
+        if t.name == name:
+            del inits[i]
+            return
 
 
 def apply_int8_wo(rw: Rewrite) -> None:
