@@ -12,6 +12,11 @@ def commands():
     return sorted(main.commands)
 
 
+def subcommands():
+    """(group, command) for every command of every group (e.g. pipeline run)."""
+    return [(name, sub) for name, cmd in sorted(main.commands.items()) for sub in sorted(getattr(cmd, "commands", {}))]
+
+
 def test_top_level_help():
     res = CliRunner().invoke(main, ["--help"])
     assert res.exit_code == 0
@@ -24,6 +29,13 @@ def test_every_command_has_help(name):
     res = CliRunner().invoke(main, [name, "--help"])
     assert res.exit_code == 0, res.output
     assert "Usage:" in res.output and len(res.output.splitlines()) > 5
+
+
+@pytest.mark.parametrize("group, name", subcommands())
+def test_every_subcommand_has_help(group, name):
+    res = CliRunner().invoke(main, [group, name, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Usage:" in res.output and len(res.output.splitlines()) > 4
 
 
 def test_export_json(tmp_path):
