@@ -71,6 +71,9 @@ def _export_child(spec: str, out: str, dialect: str) -> None:
     t0 = time.perf_counter()
     result = export(resolve_model(spec), out, ExportOptions(dialect=dialect))
     seconds = time.perf_counter() - t0
+    from pipelines.artifacts import write_export_manifest
+
+    write_export_manifest(result, spec)  # the build benchmark reads it
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"export_seconds": round(seconds, 2), "peak_rss_bytes": peak,
                       "streaming": result.stats["streaming"], "weights_bytes": result.stats["weights_bytes"]}))
@@ -82,6 +85,23 @@ def measure_export(spec: str, out: Path, dialect: str = "custom") -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"export of {spec} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_build(export_dir: Path, out: Path) -> dict:
+    """TensorRT-RTX ahead-of-time build (fp32, --lower native, SM89) of an export: seconds and plan size."""
+    import logging
+
+    from pipelines.build import build_from_export
+
+    logging.getLogger("pipelines.backends").setLevel(logging.ERROR)  # int64-binding notes: in the manifest
+    try:
+        result = build_from_export(export_dir, out, backend="tensorrt-rtx", lower="native", target_cc=["8.9"])
+    except Exception as exc:  # a missing backend or a failed build is a figure too: say why
+        return {"model": export_dir.name, "error": str(exc).splitlines()[0]}
+    m = result.manifest
+    return {"model": export_dir.name, "backend": f"{m['backend']['name']} {m['backend']['version']}",
+            "build_seconds": m["stats"]["build_seconds"], "plan_bytes": m["plan_bytes"],
+            "network_layers": m["network"]["num_layers"]}
 
 
 # --- decode ----------------------------------------------------------------------------------------
@@ -303,6 +323,8 @@ def run(quick: bool, work: Path, repeats: int, dialects: list[str], with_genai: 
                 row["seconds_vs_builder"] = round(row["export_seconds"] / brow["export_seconds"], 3)
             report["export"].append(brow)
 
+    report["build"] = [measure_build(work / "export" / name, work / "engines" / name) for name in ("tiny", "bytes-llama")]
+
     decode_spec = "bytes-llama" if quick else str(ensure_checkpoint(work, "156m"))
     source = resolve_model(decode_spec)
     prompt_len, new_tokens = (32, 32) if quick else (128, 128)
@@ -444,6 +466,13 @@ def format_table(report: dict) -> str:
         lines.append(f"{Path(r['model']).name:<18} {r['exporter']:<26} {r['export_seconds']:>8.2f} "
                      f"{_num(r.get('peak_rss_bytes', 0) / 1e9, '.2f', 11)} {_num(r.get('peak_rss_over_fp32_weights'), '.3f', 10)} "
                      f"{_num(r.get('seconds_vs_builder'), '.3f', 10)} {str(r.get('streaming', '-')):>9}")
+    lines += ["", f"{'build (fp32, native, SM89)':<28} {'backend':<26} {'seconds':>8} {'plan MB':>8} {'layers':>7}"]
+    for r in report.get("build", []):
+        if "error" in r:
+            lines.append(f"{r['model']:<28} not built: {r['error']}")
+            continue
+        lines.append(f"{r['model']:<28} {r['backend']:<26} {r['build_seconds']:>8.2f} {r['plan_bytes'] / 1e6:>8.1f} "
+                     f"{r['network_layers']:>7}")
     d = report["decode"]
     lines += ["", f"decode: {Path(d['model']).name}, prompt {d['prompt_tokens']}, {d['new_tokens']} new tokens, "
               f"batch 1, {report['threads']} threads; fp32 bandwidth bound {d['bandwidth_bound_tok_s']} tok/s "
