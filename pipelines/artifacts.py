@@ -35,13 +35,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def onnx_sha256(onnx_path: str | Path) -> str:
-    """Hash of the graph file and, if present, its external data file."""
+def onnx_sha256(onnx_path: str | Path, model: Any = None) -> str:
+    """Hash of the graph file's hash plus the hash of every external-data file it references
+    (read from the graph without loading weights; pass ``model`` when it is loaded already)."""
+    import onnx
+
     onnx_path = Path(onnx_path)
+    if model is None:
+        model = onnx.load(str(onnx_path), load_external_data=False)
     h = hashlib.sha256(sha256_file(onnx_path).encode())
-    data = onnx_path.with_name(onnx_path.name + ".data")
-    if data.is_file():
-        h.update(sha256_file(data).encode())
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    for location in sorted(locations):
+        data = onnx_path.parent / location
+        if data.is_file():
+            h.update(sha256_file(data).encode())
     return h.hexdigest()
 
 
@@ -60,17 +67,23 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def write_bytes_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Write to a hidden temp file in the same directory, fsync, rename over ``path`` (mode 0644)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is meant to be read by others
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are read by other users and stages
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    write_bytes_atomically(Path(path), (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
 
 
 def write_export_manifest(exported: ExportedModel, source_spec: str, extra: dict[str, Any] | None = None) -> Path:

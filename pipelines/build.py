@@ -15,11 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import resource
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +26,7 @@ from typing import Any
 
 import onnx
 
+from pipelines.artifacts import onnx_sha256, peak_rss_bytes, write_bytes_atomically
 from pipelines.backends import Backend, get_backend
 from pipelines.errors import LlmtrtUserError
 from pipelines.lowering import custom_nodes
@@ -197,49 +195,6 @@ def plugin_routed_ops(model: onnx.ModelProto, plugin_names: set[str], override: 
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write to a hidden temp file in the same directory, fsync, rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; plans and manifests are read by other users/stages
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def onnx_sha256(onnx_path: Path, model: onnx.ModelProto | None = None) -> str:
-    """Hash of the graph file's hash plus the hash of every external-data file it references.
-
-    For an exported model (one ``<name>.data`` file) this equals pipelines.artifacts.onnx_sha256.
-    """
-    if model is None:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    h = hashlib.sha256(_sha256_file(onnx_path).encode())
-    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    for location in sorted(locations):
-        data = onnx_path.parent / location
-        if data.is_file():
-            h.update(_sha256_file(data).encode())
-    return h.hexdigest()
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def plan_paths(out_dir: str | Path, precision: str) -> tuple[Path, Path]:
     """(engine.<precision>.plan, engine.<precision>.json) in ``out_dir``."""
     out_dir = Path(out_dir)
@@ -382,6 +337,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_path, manifest_path = plan_paths(out_dir, precision)
+    built_sha256 = onnx_sha256(onnx_path, model)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": "tensorrt-engine",
@@ -395,14 +351,14 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
                                                 for k, v in s.items() if k in network_inputs}}
                      for p, s in zip(profiles, shapes, strict=True)],
         "onnx": str(onnx_path),
-        "onnx_sha256": onnx_sha256(onnx_path, model),
+        "onnx_sha256": built_sha256,
         **({"onnx": source["onnx"], "onnx_sha256": source["onnx_sha256"],
-            "built_onnx": {"path": str(onnx_path), "sha256": onnx_sha256(onnx_path, model)}} if source else {}),
+            "built_onnx": {"path": str(onnx_path), "sha256": built_sha256}} if source else {}),
         "builder": {"opt_level": opt_level, "workspace_mb": workspace_mb, "timing_cache": cache_note,
                     "plugins": [str(p) for p in plugin_paths], "plugin_override": override,
                     "python_plugins": _python_plugin_manifest(model)},
         "stats": {"parse_seconds": round(parse_seconds, 3), "build_seconds": round(build_seconds, 3),
-                  "total_seconds": round(time.perf_counter() - t_start, 3), "peak_rss_bytes": _peak_rss_bytes()},
+                  "total_seconds": round(time.perf_counter() - t_start, 3), "peak_rss_bytes": peak_rss_bytes()},
         "io": _io_summary(network),
         "network": _network_summary(network),
         "engine": _engine_summary(be, plan),
@@ -410,10 +366,10 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
         **(extra or {}),
     }
     manifest_path.unlink(missing_ok=True)  # a plan never sits next to a manifest that is not its own
-    _write_atomic(plan_path, memoryview(plan))
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_bytes_atomically(plan_path, memoryview(plan))
+    write_bytes_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     if cache is not None and timing_cache is not None:
-        _write_atomic(Path(timing_cache), memoryview(cache.serialize()))
+        write_bytes_atomically(Path(timing_cache), memoryview(cache.serialize()))
     return BuildResult(plan_path, manifest_path, manifest)
 
 
@@ -535,7 +491,6 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
     pinned in the lowered graph (TensorRT's KV-cache update needs a static sequence axis).
     """
     from pipelines.artifacts import MANIFEST, load_exported, read_manifest
-    from pipelines.artifacts import onnx_sha256 as export_sha256
     from pipelines.lowering import LOWERINGS, lower_file
 
     say = progress or (lambda _msg: None)
@@ -547,7 +502,7 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
     precision = precision or raw.get("precision") or "fp32"
     be = backend if isinstance(backend, Backend) else get_backend(backend)
     say(f"checking {exported.onnx_path} against {MANIFEST}")
-    digest = export_sha256(exported.onnx_path)
+    digest = onnx_sha256(exported.onnx_path)
     if digest != raw.get("onnx_sha256"):
         raise LlmtrtUserError(f"{exported.onnx_path}: its sha256 differs from {export_dir / MANIFEST} (the file "
                               "changed after export); re-run `llmtrt export`")

@@ -146,7 +146,9 @@ class OrtRunner(_Closing):
                                   "re-run the stage that wrote it (`llmtrt export`)") from None
         self.config = exported.config
         self.kv_cache = exported.kv_cache
-        self.max_positions = _rotary_positions(exported.onnx_path) or self.config.max_position_embeddings
+        from pipelines.profiles import max_positions_from_file
+
+        self.max_positions = max_positions_from_file(exported.onnx_path) or self.config.max_position_embeddings
         name = _ort_provider(provider, ort.get_available_providers())
         providers = [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
         try:
@@ -179,17 +181,6 @@ def _ort_provider(provider: str, available: Sequence[str]) -> str:
         raise LlmtrtUserError(f"--provider {provider}: this onnxruntime has no {name} (available: "
                               f"{', '.join(available)}); pip install onnxruntime-gpu, or use --provider cpu")
     return name
-
-
-def _rotary_positions(onnx_path: Path) -> int | None:
-    """Rows of the graph's ``rope_cos`` table: the last position the graph can embed, plus one."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    for init in model.graph.initializer:
-        if init.name == "rope_cos" and init.dims:
-            return int(init.dims[0])
-    return None
 
 
 class TensorRTRunner(_Closing):

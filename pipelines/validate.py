@@ -36,6 +36,7 @@ import yaml
 
 from exporter.errors import LlmtrtUserError
 from pipelines.artifacts import read_manifest, write_json_atomically
+from pipelines.profiles import max_positions_from_file
 from pipelines.runners import ONE_PASS, PREFILL, decode_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,7 +385,7 @@ def validate(artifact_dir: str | Path, options: ValidateOptions = ValidateOption
         source_desc = {"text": str(text_path)}
     batch = Batch.left_padded(prompts)
     total = batch.input_ids.shape[1] + steps
-    rope_rows = _rope_rows(exported.onnx_path) or exported.config.max_position_embeddings
+    rope_rows = max_positions_from_file(exported.onnx_path) or exported.config.max_position_embeddings
     if total > rope_rows:
         raise LlmtrtUserError(f"{exported.onnx_path}: {total} tokens (prompt + --decode-steps) exceed the graph's "
                               f"{rope_rows} positions; shorten the prompt or re-export with a larger --max-seq")
@@ -521,16 +522,6 @@ def _kv_consistency(runner: str, outputs, steps: int, tol: GroupTolerance) -> di
             "rtol": tol.rtol, "checks": checks, "passed": all(checks.values())}
 
 
-def _rope_rows(onnx_path: Path) -> int | None:
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    for init in model.graph.initializer:
-        if init.name == "rope_cos" and init.dims:
-            return int(init.dims[0])
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # layerwise
 # --------------------------------------------------------------------------------------------
@@ -599,7 +590,7 @@ def layerwise(exported, manifest: dict[str, Any], feed: Mapping[str, np.ndarray]
             ref_path, ref_desc = load_exported(reference).onnx_path, str(reference)
         else:
             options = ExportOptions(dialect=exported.dialect, opset=exported.opset, kv_cache=exported.kv_cache,
-                                    max_positions=_rope_rows(exported.onnx_path))
+                                    max_positions=max_positions_from_file(exported.onnx_path))
             source = resolve_model(manifest["model_source"], seed=int(manifest.get("seed", 0)))
             ref_path = export(source, Path(tmp) / "reference", options).onnx_path
             ref_desc = f"fp32 re-export of {manifest['model_source']} ({exported.dialect} ops)"

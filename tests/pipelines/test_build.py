@@ -19,7 +19,8 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from pipelines import backends, build, lowering
+from pipelines import artifacts, backends, build, lowering
+from pipelines.artifacts import onnx_sha256
 from pipelines.errors import LlmtrtUserError
 from pipelines.profiles import (
     Profile,
@@ -364,7 +365,7 @@ def test_build_writes_plan_and_manifest(tmp_path, precision, dtype, mode):
     plan, mf = result.plan_path, json.loads(result.manifest_path.read_text())
     assert plan.name == f"engine.{precision}.plan" and result.manifest_path.name == f"engine.{precision}.json"
     assert mf["plan_sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
-    assert mf["onnx_sha256"] == build.onnx_sha256(tmp_path / "model.onnx")
+    assert mf["onnx_sha256"] == onnx_sha256(tmp_path / "model.onnx")
     assert mf["backend"]["name"] == "tensorrt-rtx" and mf["backend"]["version"].startswith("1.")
     assert mf["target_compute_capabilities"] == ["SM89", "SM120"]
     assert [p["name"] for p in mf["profiles"]] == ["prefill", "decode"]
@@ -447,7 +448,7 @@ def test_interrupted_write_leaves_no_valid_looking_plan(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the process dies while the new plan is being moved in
         real_replace(src, dst)
 
-    monkeypatch.setattr(build.os, "replace", killed)
+    monkeypatch.setattr(artifacts.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         build.build_engine(onnx_path, out, precision="fp32", backend="tensorrt-rtx", profiles=PROFILES)
     assert not first.manifest_path.exists()  # the old plan is no longer vouched for
