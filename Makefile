@@ -29,10 +29,10 @@ bench: install
 	$(PY) -m benchmarks.run --quick
 
 lint: install
-	$(BIN)/ruff check exporter plugins pipelines tests benchmarks
+	$(BIN)/ruff check llmtrt exporter plugins pipelines configs tests benchmarks tools
 
 fixture: install
-	$(PY) -m exporter.train_fixture
+	$(PY) -m tools.train_fixture
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -84,12 +84,12 @@ def _inputs(case: dict, torch, device="cuda"):
 
 
 def _run_case(case: dict, torch) -> dict:
-    from plugins.gqa_attention import kernel as attention
-    from plugins.gqa_attention import reference as attention_ref
-    from plugins.rms_norm import kernel as rms
-    from plugins.rms_norm import reference as rms_ref
-    from plugins.rotary_embedding import kernel as rotary
-    from plugins.rotary_embedding import reference as rotary_ref
+    from llmtrt.plugins.gqa_attention import kernel as attention
+    from llmtrt.plugins.gqa_attention import reference as attention_ref
+    from llmtrt.plugins.rms_norm import kernel as rms
+    from llmtrt.plugins.rms_norm import reference as rms_ref
+    from llmtrt.plugins.rotary_embedding import kernel as rotary
+    from llmtrt.plugins.rotary_embedding import reference as rotary_ref
 
     args = _inputs(case, torch)
     up = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
@@ -119,7 +119,7 @@ def _speed_case(case: dict, torch) -> dict:
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    from plugins.gqa_attention import kernel as attention
+    from llmtrt.plugins.gqa_attention import kernel as attention
 
     q, k, v, mask, pk, pv, hq, hkv, scale = _inputs({**case, "kernel": "gqa_attention"}, torch)
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -107,8 +107,8 @@ def profile_genai(model_dir: Path, out: Path, prompt_len: int, steps: int) -> Pa
 
 
 def run(work: Path, out: Path, steps: int, graphs: list[str]) -> dict:
-    from exporter.config import resolve_model
-    from exporter.onnx_export import ExportOptions, export
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions, export
 
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = ensure_checkpoint(work, "156m")

@@ -9,7 +9,7 @@ one run. Prints a table and writes JSON.
 Each export runs in its own subprocess so its peak RSS is its own. Decode: batch 1, a 128-token prompt
 (prefill latency), then 128 greedy tokens with the KV cache (tokens/s), 2 threads; medians over
 repeats. Our graphs run in ONNX Runtime: fp32 in each dialect, int8-wo and int4-awq (when
-pipelines.precision is importable) of the first dialect. The builder's graphs (onnxruntime-genai in
+llmtrt.pipelines.precision.quantize is importable) of the first dialect. The builder's graphs (onnxruntime-genai in
 .venv-bench; -p fp32/int8/int4 -e cpu) run in the onnxruntime-genai runtime, which their shared KV
 buffers need; the same builder exports the 1.1B-shaped checkpoint next to ours. Every row's prefill
 logits and greedy tokens are checked against our first fp32 graph (same checkpoint, same prompt).
@@ -65,13 +65,13 @@ def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5, threads: int = 2) -> 
 
 def _export_child(spec: str, out: str, dialect: str) -> None:
     """Runs in a subprocess: export one model, print one JSON line with time and peak RSS."""
-    from exporter.config import resolve_model
-    from exporter.onnx_export import ExportOptions, export
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions, export
 
     t0 = time.perf_counter()
     result = export(resolve_model(spec), out, ExportOptions(dialect=dialect))
     seconds = time.perf_counter() - t0
-    from pipelines.artifacts import write_export_manifest
+    from llmtrt.pipelines.artifacts import write_export_manifest
 
     write_export_manifest(result, spec)  # the build benchmark reads it
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -91,9 +91,9 @@ def measure_build(export_dir: Path, out: Path) -> dict:
     """TensorRT-RTX ahead-of-time build (fp32, --lower native, SM89) of an export: seconds and plan size."""
     import logging
 
-    from pipelines.build import build_from_export
+    from llmtrt.pipelines.engine.build import build_from_export
 
-    logging.getLogger("pipelines.backends").setLevel(logging.ERROR)  # int64-binding notes: in the manifest
+    logging.getLogger("llmtrt.pipelines.engine.backends").setLevel(logging.ERROR)  # int64-binding notes: in the manifest
     try:
         result = build_from_export(export_dir, out, backend="tensorrt-rtx", lower="native", target_cc=["8.9"])
     except Exception as exc:  # a missing backend or a failed build is a figure too: say why
@@ -225,7 +225,7 @@ def ensure_checkpoint(work: Path, shape: str) -> Path:
 
 
 GENAI_PRECISIONS = ("fp32", "int8", "int4")  # the builder's CPU precisions (-p ... -e cpu)
-OUR_QUANTIZED = ("int8-wo", "int4-awq")       # pipelines.precision.quantize() of our fp32 export
+OUR_QUANTIZED = ("int8-wo", "int4-awq")       # llmtrt.pipelines.precision.quantize.quantize() of our fp32 export
 
 
 def bench_python() -> Path:
@@ -294,7 +294,7 @@ def _agreement(row: dict, reference: dict) -> None:
 
 
 def run(quick: bool, work: Path, repeats: int, dialects: list[str], with_genai: bool = True) -> dict:
-    from exporter.config import resolve_model
+    from llmtrt.exporter.config import resolve_model
 
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"quick": quick, "threads": THREADS, "repeats": repeats, "cpu_count": os.cpu_count(),
@@ -333,8 +333,8 @@ def run(quick: bool, work: Path, repeats: int, dialects: list[str], with_genai: 
               "bytes_per_token": bound_bytes,
               "bandwidth_bound_tok_s": round(report["memory_bandwidth_gbs"] * 1e9 / bound_bytes, 2),
               "rows": [], "errors": []}
-    from exporter.onnx_export import ExportOptions, export
-    from pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.onnx_export import ExportOptions, export
+    from llmtrt.pipelines.artifacts import write_export_manifest
 
     for dialect in dialects:  # exported in this process: only the timings below matter here
         out = work / "decode" / dialect
@@ -371,7 +371,7 @@ QUANTIZE_MEMORY_LIMIT = 16 << 30  # address-space cap of the quantize child: fai
 
 def _quantize_child(src: str, out: str, precision: str) -> None:
     """Runs in a subprocess: quantize one export, print one JSON line with seconds and peak RSS."""
-    from pipelines.precision import PrecisionOptions, quantize
+    from llmtrt.pipelines.precision.quantize import PrecisionOptions, quantize
 
     t0 = time.perf_counter()
     quantize(src, out, precision, PrecisionOptions(progress=False))
@@ -405,12 +405,12 @@ def quantize_for_bench(src: Path, out: Path, precision: str) -> dict:
 
 def _our_quantized(decode: dict, work: Path, source, dialect: str, prompt_len: int, new_tokens: int,
                    repeats: int, quick: bool) -> list[dict]:
-    """int8-wo and int4-awq of our fp32 export in ``dialect`` via pipelines.precision.quantize
+    """int8-wo and int4-awq of our fp32 export in ``dialect`` via llmtrt.pipelines.precision.quantize.quantize
     (calibration included in quantize_seconds)."""
     if quick:
         return []
-    if importlib.util.find_spec("pipelines.precision") is None:
-        decode["errors"].append("int8/int4 (ours): pipelines.precision is not in this tree")
+    if importlib.util.find_spec("llmtrt.pipelines.precision.quantize") is None:
+        decode["errors"].append("int8/int4 (ours): llmtrt.pipelines.precision.quantize is not in this tree")
         return []
     rows = []
     for precision in OUR_QUANTIZED:
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.quick, args.work, repeats, args.dialects.split(","), with_genai=not args.no_genai)
     print(format_table(report))
     if args.json:
-        from pipelines.artifacts import write_json_atomically
+        from llmtrt.pipelines.artifacts import write_json_atomically
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(args.json, report)

@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from exporter.errors import LlmtrtUserError
+from llmtrt import configs
+from llmtrt.exporter.errors import LlmtrtUserError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = REPO_ROOT / "configs" / "models"
+MODELS_DIR = configs.path("models")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 ROPE_TYPES = ("default", "linear", "llama3")

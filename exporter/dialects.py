@@ -17,8 +17,8 @@ import onnx.inliner
 import onnx.version_converter
 from onnx import helper
 
-from exporter.config import ModelConfig
-from exporter.errors import LlmtrtUserError
+from llmtrt.exporter.config import ModelConfig
+from llmtrt.exporter.errors import LlmtrtUserError
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 CAPTURE_OPSET = 18  # torch's ONNX translations are written for 18; other opsets are converted after capture
@@ -35,7 +35,7 @@ class Dialect:
 
 def _custom(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Attach the local function of every custom op the graph uses (and of ops those functions call)."""
-    from plugins.registry import DOMAIN, functions
+    from llmtrt.plugins.registry import DOMAIN, functions
 
     available = {f.name: f for f in functions(opset)}
     pending = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
@@ -52,7 +52,7 @@ def _custom(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def _standard(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    from plugins.registry import DOMAIN, registry
+    from llmtrt.plugins.registry import DOMAIN, registry
 
     ops = registry()
     nodes = []
@@ -66,7 +66,7 @@ def _standard(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def _decomposed(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    from plugins.registry import DOMAIN
+    from llmtrt.plugins.registry import DOMAIN
 
     proto = onnx.inliner.inline_local_functions(_custom(proto, opset))
     del proto.functions[:]

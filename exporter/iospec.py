@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import onnx
 
-from exporter.config import ModelConfig
+from llmtrt.exporter.config import ModelConfig
 
 BATCH, SEQ, PAST, TOTAL = "batch", "sequence_length", "past_sequence_length", "total_sequence_length"
 MAX_CACHE = "max_cache_length"

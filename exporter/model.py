@@ -15,11 +15,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-import plugins.gqa_attention  # noqa: F401  (registers torch.ops.llmtrt.*)
-import plugins.gqa_attention_static  # noqa: F401
-import plugins.rms_norm  # noqa: F401
-import plugins.rotary_embedding  # noqa: F401
-from exporter.config import ModelConfig
+import llmtrt.plugins.gqa_attention  # noqa: F401  (registers torch.ops.llmtrt.*)
+import llmtrt.plugins.gqa_attention_static  # noqa: F401
+import llmtrt.plugins.rms_norm  # noqa: F401
+import llmtrt.plugins.rotary_embedding  # noqa: F401
+from llmtrt.exporter.config import ModelConfig
 
 ops = torch.ops.llmtrt
 

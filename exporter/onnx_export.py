@@ -19,10 +19,10 @@ from pathlib import Path
 import onnx
 import torch
 
-from exporter import dialects
-from exporter.config import ModelConfig, ModelSource
-from exporter.errors import LlmtrtUserError
-from exporter.iospec import KV_CACHE_LAYOUTS, IOSpec, io_spec
+from llmtrt.exporter import dialects
+from llmtrt.exporter.config import ModelConfig, ModelSource
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.exporter.iospec import KV_CACHE_LAYOUTS, IOSpec, io_spec
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -109,7 +109,7 @@ def _dynamic_shapes(n_cache: int, kv_cache: str):
 def capture(model, kv_cache: str = "dynamic") -> onnx.ModelProto:
     """Run the dynamo exporter with the custom translation table; returns the graph with llmtrt nodes
     (no function bodies yet) at ``dialects.CAPTURE_OPSET``."""
-    from plugins.registry import translation_table
+    from llmtrt.plugins.registry import translation_table
 
     io = io_spec(model.config, kv_cache)
     args = _sample_inputs(model, kv_cache)
@@ -142,7 +142,7 @@ def warnings_quiet():
 
 
 def export_model(model, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> ExportedModel:
-    """Export ``model`` (an exporter.model.LlamaDecoder) to ``out_dir/model.onnx`` in the chosen dialect."""
+    """Export ``model`` (an llmtrt.exporter.model.LlamaDecoder) to ``out_dir/model.onnx`` in the chosen dialect."""
     out_dir = Path(out_dir)
     opset = options.resolved_opset()
     _check_writable(out_dir)
@@ -202,7 +202,7 @@ def write_atomically(proto: onnx.ModelProto, out_dir: Path, external: bool, writ
 
 def export(source: ModelSource, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> ExportedModel:
     """Load (or random-init) the model a ModelSource names and export it."""
-    from exporter.weights import load_model
+    from llmtrt.exporter.weights import load_model
 
     options.resolved_opset()  # fail on a bad option before loading weights
     if use_streaming(source, options):
@@ -227,7 +227,7 @@ def export_streaming(source: ModelSource, out_dir: str | Path, options: ExportOp
     """Export an HF checkpoint without loading it: graph captured with meta weights, tensors copied
     from the safetensors files into model.onnx.data one block at a time (see exporter/streaming.py).
     Writes the same files as ``export_model`` on the loaded model."""
-    from exporter import streaming
+    from llmtrt.exporter import streaming
 
     out_dir = Path(out_dir)
     opset = options.resolved_opset()

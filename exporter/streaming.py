@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 import torch
 
-from exporter.config import ModelConfig
-from exporter.errors import LlmtrtUserError
+from llmtrt.exporter.config import ModelConfig
+from llmtrt.exporter.errors import LlmtrtUserError
 
 MARK = "llmtrt.stream:"  # external-data location of a placeholder: MARK + checkpoint name + ("|T" if transposed)
 BLOCK_BYTES = 64 << 20  # fp32 bytes written per block of a converted tensor
@@ -52,7 +52,7 @@ class Checkpoint:
     mapping count toward the process's resident memory until it is unmapped)."""
 
     def __init__(self, config: ModelConfig, directory: str | Path):
-        from exporter.weights import check_keys, checkpoint_files, expected_shapes
+        from llmtrt.exporter.weights import check_keys, checkpoint_files, expected_shapes
 
         self.directory = Path(directory)
         files = checkpoint_files(self.directory)
@@ -126,7 +126,7 @@ def _numel(shape) -> int:
 
 def meta_model(config: ModelConfig, max_positions: int | None = None):
     """A LlamaDecoder whose parameters live on the meta device; the rotary tables are real."""
-    from exporter.model import LlamaDecoder, rope_tables
+    from llmtrt.exporter.model import LlamaDecoder, rope_tables
 
     with torch.device("meta"):
         model = LlamaDecoder(config, max_positions=max_positions)
@@ -143,11 +143,11 @@ def capture(checkpoint: Checkpoint, config: ModelConfig, kv_cache: str, max_posi
     SMALL_ELEMENTS) are loaded, because the optimizer deduplicates small initializers by content."""
     import onnx_ir as ir
 
-    from exporter import dialects
-    from exporter.iospec import io_spec
-    from exporter.onnx_export import _dynamic_shapes, _sample_inputs, warnings_quiet
-    from exporter.weights import expected_shapes
-    from plugins.registry import translation_table
+    from llmtrt.exporter import dialects
+    from llmtrt.exporter.iospec import io_spec
+    from llmtrt.exporter.onnx_export import _dynamic_shapes, _sample_inputs, warnings_quiet
+    from llmtrt.exporter.weights import expected_shapes
+    from llmtrt.plugins.registry import translation_table
 
     model = meta_model(config, max_positions)
     io = io_spec(config, kv_cache)
@@ -198,7 +198,7 @@ def lay_out(proto: onnx.ModelProto, external: bool) -> list[tuple[int, str | byt
     """Point every large initializer at model.onnx.data the way onnx.save_model would; returns the
     data file's contents in order: (offset, checkpoint source or raw bytes). Small placeholders are
     marked ``inline`` to be filled by ``fill_inline``."""
-    from exporter.onnx_export import DATA_FILE
+    from llmtrt.exporter.onnx_export import DATA_FILE
 
     plan: list[tuple[int, str | bytes]] = []
     offset = 0

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from exporter.config import ModelConfig
-from exporter.errors import LlmtrtUserError
+from llmtrt.exporter.config import ModelConfig
+from llmtrt.exporter.errors import LlmtrtUserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -121,7 +121,7 @@ def load_state_dict(config: ModelConfig, directory: str | Path, dtype: torch.dty
 
 def load_model(source, max_positions: int | None = None):
     """An eval-mode fp32 LlamaDecoder for a ModelSource: checkpoint weights, or seeded random init."""
-    from exporter.model import LlamaDecoder, init_random
+    from llmtrt.exporter.model import LlamaDecoder, init_random
 
     model = LlamaDecoder(source.config, max_positions=max_positions)
     if source.checkpoint_dir is None:

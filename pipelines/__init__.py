@@ -1,0 +1,1 @@
+"""The jobs after export, grouped by job: precision, engine, checks, runtime, pipeline and the Click CLI."""

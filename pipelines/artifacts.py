@@ -16,10 +16,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from exporter.config import ModelConfig, RopeScaling
-from exporter.errors import LlmtrtUserError
-from exporter.iospec import IOSpec
-from exporter.onnx_export import ExportedModel
+from llmtrt.exporter.config import ModelConfig, RopeScaling
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.exporter.iospec import IOSpec
+from llmtrt.exporter.onnx_export import ExportedModel
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1

@@ -1,5 +1,5 @@
-"""User-facing errors shared by every stage (defined once, in exporter.errors)."""
+"""User-facing errors shared by every stage (defined once, in llmtrt.exporter.errors)."""
 
-from exporter.errors import LlmtrtUserError
+from llmtrt.exporter.errors import LlmtrtUserError
 
 __all__ = ["LlmtrtUserError"]

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 T = TypeVar("T")
 _SCALARS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}

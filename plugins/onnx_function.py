@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import onnx.parser
 
-from plugins.registry import DOMAIN, DOMAIN_VERSION
+from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION
 
 
 def parse_function(name: str, signature: str, body: str, opset: int, attributes: str = "") -> onnx.FunctionProto:

@@ -18,10 +18,10 @@ DOMAIN_VERSION = 1
 
 # ONNX op type -> module that defines it (folder under plugins/).
 _OP_MODULES = {
-    "RMSNorm": "plugins.rms_norm",
-    "RotaryEmbedding": "plugins.rotary_embedding",
-    "GroupQueryAttention": "plugins.gqa_attention",
-    "GroupQueryAttentionStatic": "plugins.gqa_attention_static",
+    "RMSNorm": "llmtrt.plugins.rms_norm",
+    "RotaryEmbedding": "llmtrt.plugins.rotary_embedding",
+    "GroupQueryAttention": "llmtrt.plugins.gqa_attention",
+    "GroupQueryAttentionStatic": "llmtrt.plugins.gqa_attention_static",
 }
 
 

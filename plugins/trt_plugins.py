@@ -28,11 +28,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from exporter.errors import LlmtrtUserError
+from llmtrt.exporter.errors import LlmtrtUserError
 
 NAMESPACE = "llmtrt"
-PLUGIN_MODULES = ("plugins.rms_norm.trt_plugin", "plugins.rotary_embedding.trt_plugin",
-                  "plugins.gqa_attention.trt_plugin")
+PLUGIN_MODULES = ("llmtrt.plugins.rms_norm.trt_plugin", "llmtrt.plugins.rotary_embedding.trt_plugin",
+                  "llmtrt.plugins.gqa_attention.trt_plugin")
 _PLUGINS_DIR = Path(__file__).resolve().parent
 SHARED_CODE = ("launch.py", "trt_plugins.py")       # code every plugin runs, part of each checksum
 DEFAULT_TARGET = ("cuda", 90, 32)                   # (backend, compute capability, warp size) for CPU checks

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.launch import attention_launch
+from llmtrt.plugins.launch import attention_launch
 
 NEG_BIG = -1.0e30   # finite "masked" score: a fully masked split stays NaN-free and weighs zero when combined
 

@@ -10,8 +10,15 @@ No ``from __future__ import annotations`` here: tensorrt.plugin reads the real a
 # ruff: noqa: UP006, UP007, UP035  (typing.Tuple/Union as in NVIDIA's samples: tensorrt.plugin inspects annotations)
 from typing import Any, Tuple, Union
 
-from plugins.launch import AOT_TACTICS, attention_aot_launch
-from plugins.trt_plugins import AotKernel, aot_result, autotune_types, check_dtypes, const_dim, triton_type
+from llmtrt.plugins.launch import AOT_TACTICS, attention_aot_launch
+from llmtrt.plugins.trt_plugins import (
+    AotKernel,
+    aot_result,
+    autotune_types,
+    check_dtypes,
+    const_dim,
+    triton_type,
+)
 
 PLUGIN_NAME = "GroupQueryAttention"
 PLUGIN_ID = "llmtrt::GroupQueryAttention"
@@ -101,7 +108,7 @@ def define(trtp: Any, trt: Any) -> None:
                  outputs: Tuple[trtp.Tensor, trtp.Tensor, trtp.Tensor], stream: int, tactic: int) -> None:
         import torch
 
-        from plugins.gqa_attention.kernel import gqa_attention
+        from llmtrt.plugins.gqa_attention.kernel import gqa_attention
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             args = [torch.as_tensor(t, device="cuda") for t in (Q, K, V, attn_mask, past_key, past_value)]

@@ -15,9 +15,9 @@ import torch
 from onnx import helper
 from onnxscript.values import Opset
 
-from plugins.gqa_attention import reference as gqa_reference
-from plugins.onnx_function import parse_function, register_schema
-from plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
+from llmtrt.plugins.gqa_attention import reference as gqa_reference
+from llmtrt.plugins.onnx_function import parse_function, register_schema
+from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
 
 SCHEMA = register_schema(
     "GroupQueryAttentionStatic", __doc__,

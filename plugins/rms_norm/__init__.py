@@ -11,8 +11,8 @@ import torch
 from onnx import helper
 from onnxscript.values import Opset
 
-from plugins.onnx_function import parse_function, reduce_mean_last_axis, register_schema
-from plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
+from llmtrt.plugins.onnx_function import parse_function, reduce_mean_last_axis, register_schema
+from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
 
 SCHEMA = register_schema(
     "RMSNorm", __doc__, inputs=[("X", "T"), ("scale", "T")], outputs=[("Y", "T")], attributes={"epsilon": "float"})

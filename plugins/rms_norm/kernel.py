@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.launch import rms_norm_launch
+from llmtrt.plugins.launch import rms_norm_launch
 
 
 @triton.jit

@@ -7,8 +7,15 @@ the registered functions.
 # ruff: noqa: UP006, UP007, UP035  (typing.Tuple/Union as in NVIDIA's samples: tensorrt.plugin inspects annotations)
 from typing import Any, Tuple, Union
 
-from plugins.launch import rms_norm_launch
-from plugins.trt_plugins import AotKernel, aot_result, autotune_types, check_dtypes, const_dim, triton_type
+from llmtrt.plugins.launch import rms_norm_launch
+from llmtrt.plugins.trt_plugins import (
+    AotKernel,
+    aot_result,
+    autotune_types,
+    check_dtypes,
+    const_dim,
+    triton_type,
+)
 
 PLUGIN_NAME = "RMSNorm"
 PLUGIN_ID = "llmtrt::RMSNorm"
@@ -71,7 +78,7 @@ def define(trtp: Any, trt: Any) -> None:
                       stream: int) -> None:
         import torch
 
-        from plugins.rms_norm.kernel import rms_norm
+        from llmtrt.plugins.rms_norm.kernel import rms_norm
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             y = torch.as_tensor(outputs[0], device="cuda")

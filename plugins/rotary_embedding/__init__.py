@@ -12,8 +12,8 @@ import torch
 from onnx import helper
 from onnxscript.values import Opset
 
-from plugins.onnx_function import parse_function, register_schema
-from plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
+from llmtrt.plugins.onnx_function import parse_function, register_schema
+from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
 
 SCHEMA = register_schema(
     "RotaryEmbedding", __doc__,

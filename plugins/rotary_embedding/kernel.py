@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.launch import rotary_launch
+from llmtrt.plugins.launch import rotary_launch
 
 
 @triton.jit

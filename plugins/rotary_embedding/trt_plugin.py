@@ -6,8 +6,15 @@ No ``from __future__ import annotations`` here: tensorrt.plugin reads the real a
 # ruff: noqa: UP006, UP007, UP035  (typing.Tuple/Union as in NVIDIA's samples: tensorrt.plugin inspects annotations)
 from typing import Any, Tuple, Union
 
-from plugins.launch import rotary_launch
-from plugins.trt_plugins import AotKernel, aot_result, autotune_types, check_dtypes, const_dim, triton_type
+from llmtrt.plugins.launch import rotary_launch
+from llmtrt.plugins.trt_plugins import (
+    AotKernel,
+    aot_result,
+    autotune_types,
+    check_dtypes,
+    const_dim,
+    triton_type,
+)
 
 PLUGIN_NAME = "RotaryEmbedding"
 PLUGIN_ID = "llmtrt::RotaryEmbedding"
@@ -77,7 +84,7 @@ def define(trtp: Any, trt: Any) -> None:
                     outputs: Tuple[trtp.Tensor], stream: int) -> None:
         import torch
 
-        from plugins.rotary_embedding.kernel import rotary_embedding
+        from llmtrt.plugins.rotary_embedding.kernel import rotary_embedding
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             args = [torch.as_tensor(t, device="cuda") for t in (X, position_ids, cos_cache, sin_cache)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.run import _ratios, bytes_per_token, format_table
-from exporter.config import resolve_model
+from llmtrt.exporter.config import resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

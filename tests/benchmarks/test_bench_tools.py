@@ -7,9 +7,9 @@ import pytest
 
 from benchmarks.make_checkpoint import ensure_tokenizer, hf_config, write_tokenizer
 from benchmarks.profile_decode import format_summary, profile_ours, summarize_trace
-from exporter.config import resolve_model
-from exporter.onnx_export import ExportOptions, export
-from pipelines.tokenizer import HFTokenizer
+from llmtrt.exporter.config import resolve_model
+from llmtrt.exporter.onnx_export import ExportOptions, export
+from llmtrt.pipelines.runtime.tokenizer import HFTokenizer
 
 
 def test_tokenizer_covers_the_vocabulary_and_round_trips_any_text(tmp_path):

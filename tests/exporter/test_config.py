@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from exporter.config import MODELS_DIR, ModelConfig, preset_names, resolve_model
-from exporter.errors import LlmtrtUserError
+from llmtrt.exporter.config import MODELS_DIR, ModelConfig, preset_names, resolve_model
+from llmtrt.exporter.errors import LlmtrtUserError
 
 
 def test_presets_load_with_derived_head_dim():

@@ -8,12 +8,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from exporter.config import resolve_model
-from exporter.errors import LlmtrtUserError
-from exporter.onnx_export import ExportOptions, export, export_model
-from exporter.weights import load_model
-from pipelines.artifacts import load_exported, write_export_manifest
-from pipelines.decoding import Batch, empty_cache, ort_stepper, prefill_then_decode, torch_stepper
+from llmtrt.exporter.config import resolve_model
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.exporter.onnx_export import ExportOptions, export, export_model
+from llmtrt.exporter.weights import load_model
+from llmtrt.pipelines.artifacts import load_exported, write_export_manifest
+from llmtrt.pipelines.runtime.decoding import (
+    Batch,
+    empty_cache,
+    ort_stepper,
+    prefill_then_decode,
+    torch_stepper,
+)
 
 TOL = 1e-4
 DIALECTS = ("custom", "standard", "decomposed")
@@ -130,7 +136,7 @@ def test_bad_opset_and_unwritable_out(tmp_path, tiny_model):
 
 
 def test_failed_export_leaves_no_model_behind(tmp_path, tiny_model, monkeypatch):
-    import exporter.onnx_export as onnx_export
+    import llmtrt.exporter.onnx_export as onnx_export
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash while saving")
@@ -144,7 +150,11 @@ def test_failed_export_leaves_no_model_behind(tmp_path, tiny_model, monkeypatch)
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_static_kv_cache_matches_growing_cache(tmp_path, tiny_model, dialect):
     """--kv-cache static: same logits as the PyTorch model, prefill + decode, left-padded batch of 3."""
-    from pipelines.decoding import ort_static_stepper, static_cache_adapter, torch_static_stepper
+    from llmtrt.pipelines.runtime.decoding import (
+        ort_static_stepper,
+        static_cache_adapter,
+        torch_static_stepper,
+    )
 
     exp = export_model(tiny_model, tmp_path, ExportOptions(dialect=dialect, kv_cache="static"))
     proto = onnx.load(str(exp.onnx_path))

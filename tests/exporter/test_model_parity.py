@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.config import resolve_model
-from exporter.weights import load_model
-from pipelines.decoding import Batch, empty_cache, prefill_then_decode, torch_stepper
+from llmtrt.exporter.config import resolve_model
+from llmtrt.exporter.weights import load_model
+from llmtrt.pipelines.runtime.decoding import Batch, empty_cache, prefill_then_decode, torch_stepper
 
 TOL = 1e-4
 

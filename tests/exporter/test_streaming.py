@@ -7,11 +7,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporter import onnx_export, streaming
-from exporter.config import resolve_model
-from exporter.errors import LlmtrtUserError
-from exporter.onnx_export import DATA_FILE, MODEL_FILE, ExportOptions, export, use_streaming
-from exporter.weights import load_model
+from llmtrt.exporter import onnx_export, streaming
+from llmtrt.exporter.config import resolve_model
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.exporter.onnx_export import DATA_FILE, MODEL_FILE, ExportOptions, export, use_streaming
+from llmtrt.exporter.weights import load_model
 from tests.conftest import HAS_TRANSFORMERS, make_hf_checkpoint
 
 pytestmark = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (pip install 'llmtrt[dev]')")

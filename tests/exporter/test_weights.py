@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from exporter.config import resolve_model
-from exporter.errors import LlmtrtUserError
-from exporter.weights import load_model, load_state_dict
+from llmtrt.exporter.config import resolve_model
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.exporter.weights import load_model, load_state_dict
 
 
 def _reference_state(ckpt):

@@ -19,10 +19,10 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from pipelines import artifacts, backends, build, lowering
-from pipelines.artifacts import onnx_sha256
-from pipelines.errors import LlmtrtUserError
-from pipelines.profiles import (
+from llmtrt.pipelines import artifacts
+from llmtrt.pipelines.artifacts import onnx_sha256
+from llmtrt.pipelines.engine import backends, build, lowering
+from llmtrt.pipelines.engine.profiles import (
     Profile,
     Range,
     decode_profile,
@@ -33,6 +33,7 @@ from pipelines.profiles import (
     static_profiles,
     validate_profiles,
 )
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipelines.cli import main
+from llmtrt.pipelines.cli import main
 
 
 def commands():

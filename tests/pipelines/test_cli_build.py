@@ -16,8 +16,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from pipelines import lowering
-from pipelines.cli import main
+from llmtrt.pipelines.cli import main
+from llmtrt.pipelines.engine import lowering
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from exporter.config import REPO_ROOT
-from exporter.errors import LlmtrtUserError
-from pipelines.cli import main
-from pipelines.compare import (
+from llmtrt import configs
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.pipelines.checks.compare import (
     DEFAULT_THRESHOLDS,
     PYTORCH,
     Check,
@@ -28,9 +27,10 @@ from pipelines.compare import (
     read_eval_tokens,
     windows,
 )
-from pipelines.tokenizer import ByteTokenizer
+from llmtrt.pipelines.cli import main
+from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer
 
-EVAL = REPO_ROOT / "configs" / "text" / "eval.txt"
+EVAL = configs.path("text", "eval.txt")
 SLICE = 2048  # tokens of eval.txt the end-to-end tests score
 
 
@@ -199,9 +199,9 @@ def test_eval_text_errors(tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fp32_dir(tmp_path_factory):
-    from exporter.config import resolve_model
-    from exporter.onnx_export import export
-    from pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import export
+    from llmtrt.pipelines.artifacts import write_export_manifest
 
     out = tmp_path_factory.mktemp("compare") / "fp32"
     write_export_manifest(export(resolve_model("bytes-llama"), out), "bytes-llama")
@@ -334,7 +334,7 @@ def test_cli_help():
 def test_plot_is_skipped_with_a_note_without_matplotlib(artifacts, tmp_path, monkeypatch):
     import builtins
 
-    from pipelines.compare import CompareResult, write_reports
+    from llmtrt.pipelines.checks.compare import CompareResult, write_reports
 
     real_import = builtins.__import__
 
@@ -361,9 +361,9 @@ def test_reports_are_replaced_whole(artifacts, tmp_path):
 
 
 def test_static_kv_cache_artifact_runs_and_matches_pytorch(tmp_path, fp32_dir):
-    from exporter.config import resolve_model
-    from exporter.onnx_export import ExportOptions, export
-    from pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions, export
+    from llmtrt.pipelines.artifacts import write_export_manifest
 
     exported = export(resolve_model("tiny"), tmp_path, ExportOptions(kv_cache="static", max_positions=64))
     write_export_manifest(exported, "tiny")
@@ -376,7 +376,7 @@ def test_static_kv_cache_artifact_runs_and_matches_pytorch(tmp_path, fp32_dir):
 
 
 def test_cli_model_quantizes_with_the_precision_step(tmp_path):
-    pytest.importorskip("pipelines.precision", reason="the precision step is not in this tree")
+    pytest.importorskip("llmtrt.pipelines.precision.quantize", reason="the precision step is not in this tree")
     res = CliRunner().invoke(main, ["compare", "--model", "bytes-llama", "--precisions", "fp32,int8-wo",
                                     "--max-tokens", "1024", "--json", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output

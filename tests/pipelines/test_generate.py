@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from exporter.config import resolve_model
-from exporter.errors import LlmtrtUserError
-from exporter.onnx_export import ExportOptions, export
-from pipelines.artifacts import write_export_manifest
-from pipelines.cli import main
-from pipelines.generate import (
+from llmtrt.exporter.config import resolve_model
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.exporter.onnx_export import ExportOptions, export
+from llmtrt.pipelines.artifacts import write_export_manifest
+from llmtrt.pipelines.cli import main
+from llmtrt.pipelines.runtime.generate import (
     Sampling,
     TextStream,
     eos_token_ids,
@@ -25,7 +25,7 @@ from pipelines.generate import (
     open_artifact,
     open_model,
 )
-from pipelines.tokenizer import ByteTokenizer
+from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL = (REPO / "configs/text/eval.txt").read_bytes()
@@ -291,8 +291,8 @@ def test_engine_without_gpu_is_a_user_error(tmp_path, artifacts):
 @pytest.mark.rtx
 @pytest.mark.skipif(not HAS_RTX or not _torch_cuda(), reason="needs a CUDA GPU and TensorRT / TensorRT-RTX")
 def test_engine_greedy_equals_pytorch_on_gpu(tmp_path, artifacts, reference):
-    from pipelines.build import build_engine
-    from pipelines.profiles import default_profiles
+    from llmtrt.pipelines.engine.build import build_engine
+    from llmtrt.pipelines.engine.profiles import default_profiles
 
     build_engine(artifacts["custom"] / "model.onnx", tmp_path / "engines", precision="fp32",
                  profiles=default_profiles(1, 64, 128), max_positions=128)

@@ -13,9 +13,15 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from exporter.errors import LlmtrtUserError
-from pipelines.artifacts import read_manifest, sha256_file
-from pipelines.precision import PRECISIONS, PrecisionOptions, Rewrite, convert_to_half, quantize
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.pipelines.artifacts import read_manifest, sha256_file
+from llmtrt.pipelines.precision.quantize import (
+    PRECISIONS,
+    PrecisionOptions,
+    Rewrite,
+    convert_to_half,
+    quantize,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_TEXT = REPO / "configs" / "text" / "eval.txt"
@@ -28,9 +34,9 @@ QUIET = PrecisionOptions(progress=False)
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
-    from exporter.config import resolve_model
-    from exporter.onnx_export import export
-    from pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import export
+    from llmtrt.pipelines.artifacts import write_export_manifest
 
     out = tmp_path_factory.mktemp("bytes-llama") / "fp32"
     write_export_manifest(export(resolve_model("bytes-llama"), out), "bytes-llama")
@@ -150,9 +156,9 @@ def test_bf16_graph_is_well_typed(artifacts):
 
 @pytest.mark.parametrize("dialect", ["standard", "decomposed"])
 def test_other_dialects_fp16_and_int4(dialect, tmp_path):
-    from exporter.config import resolve_model
-    from exporter.onnx_export import ExportOptions, export
-    from pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions, export
+    from llmtrt.pipelines.artifacts import write_export_manifest
 
     src = tmp_path / "fp32"
     write_export_manifest(export(resolve_model("bytes-llama"), src, ExportOptions(dialect=dialect)), "bytes-llama")
@@ -163,7 +169,7 @@ def test_other_dialects_fp16_and_int4(dialect, tmp_path):
 
 
 def test_fp16_keeps_overflowing_tensors_in_fp32(export_dir):
-    from pipelines.calibration import CalibrationStats
+    from llmtrt.pipelines.precision.calibration import CalibrationStats
 
     model = onnx.load(str(export_dir / "model.onnx"))
     # pretend calibration saw the first residual add reach 1e6 (beyond fp16's 65504)
@@ -265,8 +271,8 @@ def test_keep_fp32_module_name(export_dir, tmp_path):
 
 
 def test_cli_help_json_and_exit_codes(export_dir, tmp_path):
-    from pipelines import cli_precision
-    from pipelines.cli import main
+    from llmtrt.pipelines.cli import main
+    from llmtrt.pipelines.cli import quantize as cli_precision
 
     assert cli_precision.PRECISION_NAMES == tuple(PRECISIONS)
     runner = CliRunner()
@@ -296,7 +302,7 @@ def _rtx_available() -> bool:
 @pytest.mark.skipif(not _rtx_available(), reason="needs TensorRT-RTX (tensorrt-rtx bindings) to build engines")
 @pytest.mark.parametrize("precision, engine", [("int8-sq", "int8"), ("int4-awq", "int4")])
 def test_builds_with_tensorrt_rtx(precision, engine, artifacts, tmp_path):
-    from pipelines.build import build_from_export
+    from llmtrt.pipelines.engine.build import build_from_export
 
     result = build_from_export(artifacts(precision), tmp_path / "engine", precision=engine, backend="tensorrt-rtx",
                                lower="native", max_prompt=64, max_kv=128, opt_level=0)
@@ -316,7 +322,7 @@ def test_int8_sq_observers_choose_activation_ranges(export_dir, artifacts, tmp_p
 def test_progress_bar_plain_lines_without_a_tty():
     import io
 
-    from pipelines.calibration import Progress
+    from llmtrt.pipelines.precision.calibration import Progress
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:

@@ -1,11 +1,11 @@
-"""pipelines.quant_math against hand-computed values, and against ONNX Runtime's own Q/DQ kernels."""
+"""llmtrt.pipelines.precision.quant_math against hand-computed values, and against ONNX Runtime's own Q/DQ kernels."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipelines import quant_math as qm
+from llmtrt.pipelines.precision import quant_math as qm
 
 
 def test_rounding_is_half_to_even_like_quantize_linear():

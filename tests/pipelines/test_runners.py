@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.config import resolve_model
-from pipelines.decoding import Batch
-from pipelines.runners import (
+from llmtrt.exporter.config import resolve_model
+from llmtrt.pipelines.checks.validate import GroupTolerance, _kv_consistency, parse_overrides, text_prompts
+from llmtrt.pipelines.runtime.decoding import Batch
+from llmtrt.pipelines.runtime.runners import (
     ONE_PASS,
     PREFILL,
     DecodePlan,
@@ -18,7 +19,6 @@ from pipelines.runners import (
     prefill_feed,
     tensorrt_unavailable,
 )
-from pipelines.validate import GroupTolerance, _kv_consistency, parse_overrides, text_prompts
 
 CONFIG = resolve_model("tiny").config
 BATCH = Batch.left_padded([[5, 6, 7, 8], [9, 10]])

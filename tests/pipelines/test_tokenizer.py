@@ -3,9 +3,9 @@ import shutil
 
 import pytest
 
-from exporter.config import MODELS_DIR
-from exporter.errors import LlmtrtUserError
-from pipelines.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from llmtrt.exporter.config import MODELS_DIR
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 
 def test_byte_tokenizer_round_trip():

@@ -14,12 +14,12 @@ import yaml
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from exporter.config import resolve_model
-from exporter.errors import LlmtrtUserError
-from exporter.onnx_export import ExportOptions, export
-from pipelines.artifacts import write_export_manifest
-from pipelines.cli import main
-from pipelines.validate import DEFAULT_TOLERANCES, ValidateOptions, load_tolerances, validate
+from llmtrt.exporter.config import resolve_model
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.exporter.onnx_export import ExportOptions, export
+from llmtrt.pipelines.artifacts import write_export_manifest
+from llmtrt.pipelines.checks.validate import DEFAULT_TOLERANCES, ValidateOptions, load_tolerances, validate
+from llmtrt.pipelines.cli import main
 
 FAST = ValidateOptions(batch=2, decode_steps=3, prompt_tokens=12)
 

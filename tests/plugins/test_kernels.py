@@ -15,8 +15,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from plugins.gqa_attention import reference as attention_reference  # noqa: E402
-from plugins.launch import (  # noqa: E402
+from llmtrt.plugins.gqa_attention import reference as attention_reference  # noqa: E402
+from llmtrt.plugins.launch import (  # noqa: E402
     MAX_SPLITS,
     attention_aot_launch,
     attention_launch,
@@ -25,8 +25,8 @@ from plugins.launch import (  # noqa: E402
     rms_norm_launch,
     rotary_launch,
 )
-from plugins.rms_norm import reference as rms_norm_reference  # noqa: E402
-from plugins.rotary_embedding import reference as rotary_reference  # noqa: E402
+from llmtrt.plugins.rms_norm import reference as rms_norm_reference  # noqa: E402
+from llmtrt.plugins.rotary_embedding import reference as rotary_reference  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # launch parameters (pure Python)
@@ -126,9 +126,9 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 @pytest.fixture(scope="module")
 def kernels():
     pytest.importorskip("triton", reason="triton not installed: pip install triton (CPU wheel, no torch)")
-    from plugins.gqa_attention import kernel as attention
-    from plugins.rms_norm import kernel as rms_norm
-    from plugins.rotary_embedding import kernel as rotary
+    from llmtrt.plugins.gqa_attention import kernel as attention
+    from llmtrt.plugins.rms_norm import kernel as rms_norm
+    from llmtrt.plugins.rotary_embedding import kernel as rotary
 
     if type(rms_norm.rms_norm_kernel).__name__ != "InterpretedFunction":
         pytest.skip("kernel modules were imported before TRITON_INTERPRET=1 was set in this process")

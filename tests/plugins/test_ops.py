@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from plugins.registry import DOMAIN, DOMAIN_VERSION, functions, registry
+from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION, functions, registry
 
 NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.int64: TensorProto.INT64}
 TOL = {np.float32: 1e-5, np.float16: 2e-2}

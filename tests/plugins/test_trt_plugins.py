@@ -24,15 +24,15 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import plugins.gqa_attention  # noqa: F401  (registers the torch ops and ONNX schemas)
-import plugins.rms_norm  # noqa: F401
-import plugins.rotary_embedding  # noqa: F401
-from exporter.errors import LlmtrtUserError
-from plugins import trt_plugins
-from plugins.gqa_attention import trt_plugin as gqa
-from plugins.registry import DOMAIN, DOMAIN_VERSION
-from plugins.rms_norm import trt_plugin as rms
-from plugins.rotary_embedding import trt_plugin as rope
+import llmtrt.plugins.gqa_attention  # noqa: F401  (registers the torch ops and ONNX schemas)
+import llmtrt.plugins.rms_norm  # noqa: F401
+import llmtrt.plugins.rotary_embedding  # noqa: F401
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.plugins import trt_plugins
+from llmtrt.plugins.gqa_attention import trt_plugin as gqa
+from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION
+from llmtrt.plugins.rms_norm import trt_plugin as rms
+from llmtrt.plugins.rotary_embedding import trt_plugin as rope
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGINS = [rms, rope, gqa]
@@ -78,7 +78,7 @@ def test_checksum_changes_with_code(tmp_path):
 def test_manifest_imports_neither_tensorrt_nor_triton():
     proc = run_python("""
         import sys, json
-        from plugins.trt_plugins import plugin_manifest
+        from llmtrt.plugins.trt_plugins import plugin_manifest
         plugin_manifest()
         print(json.dumps([m for m in ("tensorrt", "tensorrt_rtx_bindings", "triton") if m in sys.modules]))
     """)
@@ -279,10 +279,10 @@ import json, sys
 sys.path.insert(0, "tests/plugins")
 from types import SimpleNamespace
 from test_trt_plugins import StubTrtp, StubDesc, PLUGINS
-from plugins import trt_plugins
-from plugins.rms_norm import trt_plugin as rms
-from plugins.rotary_embedding import trt_plugin as rope
-from plugins.gqa_attention import trt_plugin as gqa
+from llmtrt.plugins import trt_plugins
+from llmtrt.plugins.rms_norm import trt_plugin as rms
+from llmtrt.plugins.rotary_embedding import trt_plugin as rope
+from llmtrt.plugins.gqa_attention import trt_plugin as gqa
 
 trt_plugins.AOT_TARGET = ("cuda", int(sys.argv[1]), 32)
 trtp = StubTrtp()
@@ -333,8 +333,8 @@ def test_register_all_refuses_tensorrt_rtx():
         pytest.skip("tensorrt_rtx_bindings not installed")
     proc = run_python("""
         import tensorrt_rtx_bindings as trt
-        from plugins.trt_plugins import register_all
-        from exporter.errors import LlmtrtUserError
+        from llmtrt.plugins.trt_plugins import register_all
+        from llmtrt.exporter.errors import LlmtrtUserError
         try:
             register_all(trt)
         except LlmtrtUserError as exc:
@@ -357,7 +357,7 @@ def test_register_all_with_full_tensorrt():
     pytest.importorskip("tensorrt", reason="full NVIDIA TensorRT (tensorrt.plugin) is not installable here")
     proc = run_python("""
         import tensorrt as trt
-        from plugins.trt_plugins import register_all
+        from llmtrt.plugins.trt_plugins import register_all
         ids = register_all(trt)
         names = {c.name for c in trt.get_plugin_registry().all_creators}
         print(sorted(ids), all(i.split("::")[1] in names for i in ids))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from exporter.errors import LlmtrtUserError
-from pipelines.cli import main, user_errors
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.pipelines.cli import main, user_errors
 
 EXIT_NUMERICS = 1
 
@@ -68,8 +68,8 @@ def validate(artifact_dir: str, engine: str | None, text: str | None, prompt: st
       polygraphy run ARTIFACT_DIR/model.onnx --onnxrt --load-inputs DIR/inputs.json \\
           --load-outputs DIR/reference_outputs.json --atol 1e-4 --rtol 1e-3 --check-error-stat max
     """
-    from pipelines.validate import ValidateOptions, parse_overrides
-    from pipelines.validate import validate as run_validate
+    from llmtrt.pipelines.checks.validate import ValidateOptions, parse_overrides
+    from llmtrt.pipelines.checks.validate import validate as run_validate
 
     if text is not None and prompt is not None:
         raise LlmtrtUserError("give --text FILE or --prompt STR, not both")

@@ -1,4 +1,4 @@
-"""`llmtrt compare`: accuracy per precision on held-out text, gated by thresholds (pipelines.compare)."""
+"""`llmtrt compare`: accuracy per precision on held-out text, gated by thresholds (llmtrt.pipelines.checks.compare)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from exporter.errors import LlmtrtUserError
-from pipelines.cli import main, user_errors
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.pipelines.cli import main, user_errors
 
 EXIT_FAILED = 1
 
@@ -71,7 +71,7 @@ def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval
       llmtrt compare --model ./my-llama --precisions fp32,int4-awq,int4-rtn --calib-text calib.txt \\
           --eval-text eval.txt --max-tokens 4096 --out out/cmp
     """
-    from pipelines.compare import DEFAULT_EVAL_TEXT, compare_artifacts, load_thresholds
+    from llmtrt.pipelines.checks.compare import DEFAULT_EVAL_TEXT, compare_artifacts, load_thresholds
 
     if bool(model_spec) == bool(artifacts):
         raise LlmtrtUserError("give exactly one of --model PRESET|DIR (export and quantize here) or "
@@ -106,7 +106,7 @@ def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval
 
 
 def _collect(dirs: list[str]) -> dict[str, str]:
-    from pipelines.artifacts import read_manifest
+    from llmtrt.pipelines.artifacts import read_manifest
 
     if not dirs:
         raise LlmtrtUserError("--artifacts: no directories given")
@@ -122,9 +122,9 @@ def _collect(dirs: list[str]) -> dict[str, str]:
 def _build(model_spec: str, precisions: list[str], calib_text: str | None, out: Path, say,
            quiet: bool = False) -> dict[str, str]:
     """Export fp32 to OUT/fp32 and quantize each other precision to OUT/<precision>."""
-    from exporter.config import resolve_model
-    from exporter.onnx_export import export
-    from pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import export
+    from llmtrt.pipelines.artifacts import write_export_manifest
 
     if not precisions:
         raise LlmtrtUserError("--precisions: empty; e.g. --precisions fp32,fp16,int8-wo")
@@ -142,15 +142,15 @@ def _build(model_spec: str, precisions: list[str], calib_text: str | None, out: 
 
 
 def _precision_step(precisions: list[str], calib_text: str | None, quiet: bool = False):
-    """pipelines.precision.quantize and its options, after checking every name against its registry."""
+    """llmtrt.pipelines.precision.quantize.quantize and its options, after checking every name against its registry."""
     if not precisions:
         return None, None
     import importlib.util
 
-    if importlib.util.find_spec("pipelines.precision") is None:
+    if importlib.util.find_spec("llmtrt.pipelines.precision.quantize") is None:
         raise LlmtrtUserError(f"--precisions {','.join(precisions)}: the precision step (pipelines/precision.py) "
                               "is not installed in this tree; compare fp32 only or pass --artifacts")
-    from pipelines import precision as step
+    from llmtrt.pipelines.precision import quantize as step
 
     unknown = [p for p in precisions if p not in step.PRECISIONS]
     if unknown:

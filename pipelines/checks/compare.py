@@ -4,7 +4,7 @@
     bool(result)          # every threshold met
     result.metrics["int8-wo"].perplexity
 
-The text is tokenized (:mod:`pipelines.tokenizer`), cut into non-overlapping windows of ``seq_len``
+The text is tokenized (:mod:`llmtrt.pipelines.runtime.tokenizer`), cut into non-overlapping windows of ``seq_len``
 tokens (the last, shorter window too) and each window is scored independently: the first token
 of a window is context only, every later one is a prediction. All artifacts see the same windows,
 side by side, so nothing but running sums is kept. Per precision:
@@ -33,14 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.errors import LlmtrtUserError
+from llmtrt import configs
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 REFERENCE = "fp32"
 PYTORCH = "pytorch-fp32"
 DEFAULT_SEQ_LEN = 256
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_THRESHOLDS = REPO_ROOT / "configs" / "compare_thresholds.yaml"
-DEFAULT_EVAL_TEXT = REPO_ROOT / "configs" / "text" / "eval.txt"
+DEFAULT_THRESHOLDS = configs.path("compare_thresholds.yaml")
+DEFAULT_EVAL_TEXT = configs.path("text", "eval.txt")
 _LOGITS_BUDGET = 1 << 26  # logits elements per batch of windows (256 MiB fp32)
 
 Runner = Callable[[np.ndarray], np.ndarray]  # input_ids [batch, n] int64 -> logits [batch, n, vocab]
@@ -283,7 +283,7 @@ def read_eval_tokens(path: str | Path, tokenizer, max_tokens: int | None = None)
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise LlmtrtUserError(f"{path}: no such eval text file; pass --eval-text FILE "
-                              f"(e.g. {DEFAULT_EVAL_TEXT.relative_to(REPO_ROOT)})") from None
+                              f"(e.g. {DEFAULT_EVAL_TEXT})") from None
     except IsADirectoryError:
         raise LlmtrtUserError(f"{path}: is a directory; --eval-text takes a UTF-8 text file") from None
     except UnicodeDecodeError as exc:
@@ -327,7 +327,12 @@ def onnxruntime_runner(artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
     """An ONNX artifact (any precision, dynamic or static KV cache) on ONNX Runtime's CPU provider."""
     import onnxruntime as ort
 
-    from pipelines.decoding import empty_cache, ort_static_stepper, ort_stepper, static_cache_adapter
+    from llmtrt.pipelines.runtime.decoding import (
+        empty_cache,
+        ort_static_stepper,
+        ort_stepper,
+        static_cache_adapter,
+    )
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -358,10 +363,10 @@ def onnxruntime_runner(artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
 
 
 def pytorch_runner(model_source: str, max_positions: int | None = None, seed: int = 0) -> Runner:
-    """The fp32 PyTorch reference (exporter.model.LlamaDecoder) for a preset or checkpoint directory."""
-    from exporter.config import resolve_model
-    from exporter.weights import load_model
-    from pipelines.decoding import empty_cache, torch_stepper
+    """The fp32 PyTorch reference (llmtrt.exporter.model.LlamaDecoder) for a preset or checkpoint directory."""
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.weights import load_model
+    from llmtrt.pipelines.runtime.decoding import empty_cache, torch_stepper
 
     source = resolve_model(model_source, seed=seed)
     step = torch_stepper(load_model(source, max_positions=max_positions))
@@ -421,7 +426,7 @@ def evaluate(artifact_dir: str | Path, eval_tokens: np.ndarray, seq_len: int = D
              reference: str | Path | Runner | None = None) -> PrecisionMetrics:
     """One artifact's metrics on ``eval_tokens``; against ``reference`` (an fp32 artifact dir or a runner),
     or against itself when None (agreement 1, KL 0: perplexity only)."""
-    from pipelines.artifacts import read_manifest
+    from llmtrt.pipelines.artifacts import read_manifest
 
     manifest = read_manifest(artifact_dir)
     runners: dict[str, Runner] = {}
@@ -513,8 +518,8 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
                       pytorch_reference: bool = True, progress: Callable[[str], None] | None = None
                       ) -> CompareResult:
     """Evaluate ``{precision: artifact_dir}`` (fp32 included) and gate them; write reports to ``out_dir``."""
-    from pipelines.artifacts import read_manifest, sha256_file
-    from pipelines.tokenizer import load_tokenizer
+    from llmtrt.pipelines.artifacts import read_manifest, sha256_file
+    from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
     say = progress or (lambda _msg: None)
     if REFERENCE not in artifacts:
@@ -572,7 +577,7 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
 
 def write_reports(result: CompareResult, out_dir: Path, say: Callable[[str], None] = print) -> dict[str, Path]:
     """compare.json, compare.md and (with matplotlib) compare.png, each written whole or not at all."""
-    from pipelines.artifacts import write_json_atomically
+    from llmtrt.pipelines.artifacts import write_json_atomically
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "compare.json", "md": out_dir / "compare.md"}

@@ -7,11 +7,11 @@ import time
 
 import click
 
-from pipelines.cli import main, user_errors
+from llmtrt.pipelines.cli import main, user_errors
 
 __all__ = ["quantize"]
 
-# Names only, so `--help` needs no numpy/onnx; checked against pipelines.precision.PRECISIONS by a test.
+# Names only, so `--help` needs no numpy/onnx; checked against llmtrt.pipelines.precision.quantize.PRECISIONS by a test.
 PRECISION_NAMES = ("fp16", "bf16", "int8-sq", "int8-wo", "int4-awq", "int4-rtn")
 KEEP_CATEGORIES = ("norm", "softmax", "logits")
 
@@ -75,9 +75,9 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
       llmtrt quantize out/onnx --to int4-awq --out out/int4-awq --block-size 64
       llmtrt build out/int4-awq --out out/engines/int4 --precision int4
     """
-    from pipelines.artifacts import read_manifest
-    from pipelines.precision import PrecisionOptions
-    from pipelines.precision import quantize as run
+    from llmtrt.pipelines.artifacts import read_manifest
+    from llmtrt.pipelines.precision.quantize import PrecisionOptions
+    from llmtrt.pipelines.precision.quantize import quantize as run
 
     kwargs = {} if keep_fp32 is None else {"keep_fp32": keep_fp32}
     options = PrecisionOptions(calib_text=calib_text, calib_samples=calib_samples, calib_seq_len=calib_seq_len,

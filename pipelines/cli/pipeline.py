@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipelines.cli import main, user_errors
+from llmtrt.pipelines.cli import main, user_errors
 
 EXIT_FAILED = 1
 
@@ -23,6 +23,16 @@ def pipeline() -> None:
       llmtrt pipeline run configs/pipelines/ci-gate.yaml --only validate,compare --json
       llmtrt pipeline matrix configs/pipelines/rtx.yaml        (CI job matrix as JSON)
     """
+
+
+def _config_path(value: str) -> str:
+    """CONFIG is a YAML path, or the name of a shipped config (demo, ci-gate, rtx, jetson-orin)."""
+    from llmtrt import configs
+
+    if Path(value).exists() or value.endswith((".yaml", ".yml")):
+        return value
+    shipped = configs.pipeline_config(value)
+    return str(shipped) if shipped is not None else value
 
 
 @pipeline.command("run")
@@ -43,10 +53,11 @@ def run_command(config: str, out_dir: str | None, only: str, force: bool, as_jso
     """
     import logging
 
-    from pipelines.pipeline import load_config, run
+    from llmtrt.pipelines.pipeline.plan import load_config, run
 
     # TensorRT's warnings go into each engine manifest ("warnings"); keep the terminal to progress lines.
-    logging.getLogger("pipelines.backends").setLevel(logging.ERROR)
+    logging.getLogger("llmtrt.pipelines.engine.backends").setLevel(logging.ERROR)
+    config = _config_path(config)
     cfg = load_config(config)
     out = Path(out_dir or Path("out") / cfg.name)
     kinds = [k.strip() for k in only.split(",") if k.strip()]
@@ -73,8 +84,9 @@ def matrix_command(config: str) -> None:
     GitHub Actions: {"include": [...]} goes straight into `strategy.matrix` via fromJSON
     (see docs/ci.md).
     """
-    from pipelines.pipeline import load_config, matrix
+    from llmtrt.pipelines.pipeline.plan import load_config, matrix
 
+    config = _config_path(config)
     click.echo(json.dumps({"include": matrix(load_config(config))}, indent=2))
 
 
@@ -84,8 +96,9 @@ def matrix_command(config: str) -> None:
 @user_errors
 def plan_command(config: str, out_dir: str | None) -> None:
     """List the stages CONFIG runs, their output directories and whether each is cached."""
-    from pipelines.pipeline import RECORD, load_config, plan, stage_key
+    from llmtrt.pipelines.pipeline.plan import RECORD, load_config, plan, stage_key
 
+    config = _config_path(config)
     cfg = load_config(config)
     out = Path(out_dir or Path("out") / cfg.name)
     for stage in plan(cfg, out, Path(config)):

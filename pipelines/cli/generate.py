@@ -6,8 +6,8 @@ import json
 
 import click
 
-from pipelines.cli import main, user_errors
-from pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.cli import main, user_errors
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 
 @main.command()
@@ -54,8 +54,8 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_
       llmtrt generate out/engines --precision fp16 --prompt "The for statement"  (GPU)
       llmtrt generate out/onnx --prompt "The for statement" --json
     """
-    from pipelines import generate as gen
-    from pipelines.tokenizer import load_tokenizer
+    from llmtrt.pipelines.runtime import generate as gen
+    from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
     if (artifact is None) == (model_spec is None):
         raise LlmtrtUserError("give either an ARTIFACT directory or --model PRESET|DIR (not both, not neither)")

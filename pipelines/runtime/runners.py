@@ -32,9 +32,9 @@ import numpy as np
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from exporter.config import ModelConfig
-from exporter.errors import LlmtrtUserError
-from pipelines.decoding import (
+from llmtrt.exporter.config import ModelConfig
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.pipelines.runtime.decoding import (
     Batch,
     Stepper,
     empty_cache,
@@ -183,11 +183,11 @@ def _f32(array: np.ndarray) -> np.ndarray:
 
 
 class PyTorchRunner(DecodeLoopRunner):
-    """The fp32 PyTorch model (exporter.model) behind an artifact: the reference every backend is held to."""
+    """The fp32 PyTorch model (llmtrt.exporter.model) behind an artifact: the reference every backend is held to."""
 
     def __init__(self, model_source: str, plan: DecodePlan, input_metadata: TensorMetadata, *, seed: int = 0,
                  max_positions: int | None = None, name: str = "pytorch-fp32") -> None:
-        from exporter.config import resolve_model
+        from llmtrt.exporter.config import resolve_model
 
         self.source = resolve_model(model_source, seed=seed)
         super().__init__(plan, input_metadata, self.source.config, name=name)
@@ -197,7 +197,7 @@ class PyTorchRunner(DecodeLoopRunner):
         self.description = f"PyTorch fp32 {model_source} ({kind})"
 
     def activate_impl(self):
-        from exporter.weights import load_model
+        from llmtrt.exporter.weights import load_model
 
         self.model = load_model(self.source, max_positions=self.max_positions)
 
@@ -264,7 +264,7 @@ def tensorrt_unavailable(engine_dir: str | Path) -> str | None:
 
 
 class TensorRTRunner(DecodeLoopRunner):
-    """A ``llmtrt build`` engine directory, run through pipelines.generate's engine executor (needs a GPU)."""
+    """A ``llmtrt build`` engine directory, run through llmtrt.pipelines.runtime.generate's engine executor (needs a GPU)."""
 
     def __init__(self, engine_dir: str | Path, config: ModelConfig, plan: DecodePlan, input_metadata: TensorMetadata,
                  *, precision: str | None = None, name: str = "tensorrt") -> None:
@@ -275,7 +275,7 @@ class TensorRTRunner(DecodeLoopRunner):
         self.description = f"TensorRT engine {self.engine_dir}"
 
     def activate_impl(self):
-        from pipelines.generate import TensorRTRunner as EngineExecutor
+        from llmtrt.pipelines.runtime.generate import TensorRTRunner as EngineExecutor
 
         self.engine = EngineExecutor(self.engine_dir, self.precision)
         self.cache_dtype = self.engine.cache_dtype

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.artifacts import sha256_file, write_json_atomically
+from llmtrt.pipelines.artifacts import sha256_file, write_json_atomically
 
 if TYPE_CHECKING:
-    from pipelines.pipeline import PipelineConfig, Stage
+    from llmtrt.pipelines.pipeline.plan import PipelineConfig, Stage
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -26,7 +26,7 @@ def file_sha256(path: Path) -> str:
 
 def model_source_hash(spec: str, seed: int) -> str:
     """Content hash of what the model spec names: the checkpoint's files, or the preset file + seed."""
-    from exporter.config import resolve_model
+    from llmtrt.exporter.config import resolve_model
 
     source = resolve_model(spec, seed=seed)
     h = hashlib.sha256(json.dumps(source.config.to_dict(), sort_keys=True).encode())
@@ -48,10 +48,10 @@ def _dir_bytes(directory: Path, pattern: str = "*") -> int:
 # stage actions
 # --------------------------------------------------------------------------------------------
 def export(stage: Stage) -> dict[str, Any]:
-    from exporter.config import resolve_model
-    from exporter.onnx_export import ExportOptions
-    from exporter.onnx_export import export as run_export
-    from pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.exporter.onnx_export import export as run_export
+    from llmtrt.pipelines.artifacts import write_export_manifest
 
     o = stage.options
     options = ExportOptions(dialect=o["dialect"], kv_cache=o["kv_cache"], max_positions=o["max_seq"])
@@ -62,8 +62,8 @@ def export(stage: Stage) -> dict[str, Any]:
 
 
 def quantize(stage: Stage) -> dict[str, Any]:
-    from pipelines.precision import PrecisionOptions
-    from pipelines.precision import quantize as run_quantize
+    from llmtrt.pipelines.precision.quantize import PrecisionOptions
+    from llmtrt.pipelines.precision.quantize import quantize as run_quantize
 
     o = stage.options
     options = PrecisionOptions(calib_text=o["calib_text"], calib_samples=o["samples"], calib_seq_len=o["seq_len"])
@@ -72,7 +72,7 @@ def quantize(stage: Stage) -> dict[str, Any]:
 
 
 def build(stage: Stage) -> dict[str, Any]:
-    from pipelines.cli_build import build_from_export
+    from llmtrt.pipelines.cli.build import build_from_export
 
     o = stage.options
     result = build_from_export(stage.inputs[0], stage.out_dir, precision=o["precision"], backend=o["backend"],
@@ -84,8 +84,8 @@ def build(stage: Stage) -> dict[str, Any]:
 
 
 def validate(stage: Stage) -> dict[str, Any]:
-    from pipelines.validate import ValidateOptions
-    from pipelines.validate import validate as run_validate
+    from llmtrt.pipelines.checks.validate import ValidateOptions
+    from llmtrt.pipelines.checks.validate import validate as run_validate
 
     o = stage.options
     report = run_validate(stage.inputs[0], ValidateOptions(batch=o["batch"], decode_steps=o["decode_steps"],
@@ -94,7 +94,7 @@ def validate(stage: Stage) -> dict[str, Any]:
 
 
 def compare(stage: Stage) -> dict[str, Any]:
-    from pipelines.compare import compare_artifacts
+    from llmtrt.pipelines.checks.compare import compare_artifacts
 
     o = stage.options
     artifacts = dict(zip(o["precisions"], stage.inputs, strict=True))

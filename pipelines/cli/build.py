@@ -6,8 +6,8 @@ import json
 
 import click
 
-from pipelines.cli import main, user_errors
-from pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.cli import main, user_errors
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 __all__ = ["build", "build_from_export"]
 
@@ -15,8 +15,8 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 
 
 def build_from_export(*args, **kwargs):
-    """pipelines.build.build_from_export, imported on first use (onnx stays out of `--help`)."""
-    from pipelines.build import build_from_export as run
+    """llmtrt.pipelines.engine.build.build_from_export, imported on first use (onnx stays out of `--help`)."""
+    from llmtrt.pipelines.engine.build import build_from_export as run
 
     return run(*args, **kwargs)
 
@@ -91,8 +91,8 @@ def build(export_dir: str, out_dir: str, backend: str | None, precision: str | N
       decode:  {batch: [1, 1, 4], seq: 1, past: [1, 512, 2047]}
     For a static-cache export add `max_cache_length: 2048` and leave out past.
     """
-    from pipelines.artifacts import read_manifest
-    from pipelines.profiles import profiles_from_yaml
+    from llmtrt.pipelines.artifacts import read_manifest
+    from llmtrt.pipelines.engine.profiles import profiles_from_yaml
 
     manifest = read_manifest(export_dir)
     profiles = None

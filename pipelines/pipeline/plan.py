@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.config import REPO_ROOT
-from pipelines.errors import LlmtrtUserError
-from pipelines.yaml_schema import load_dataclass
+from llmtrt import configs
+from llmtrt.pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.yaml_schema import load_dataclass
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-sq", "int8-wo", "int4-awq", "int4-rtn")
 BACKENDS = ("onnxruntime", "tensorrt-rtx", "tensorrt")
@@ -116,9 +116,14 @@ def load_config(path: str | Path) -> PipelineConfig:
 
 
 def resolve_path(value: str, config_path: Path | None = None) -> Path:
-    candidates = [Path(value)] if Path(value).is_absolute() else [Path.cwd() / value, REPO_ROOT / value]
-    if config_path is not None and not Path(value).is_absolute():
+    """A file a config names: absolute, else relative to the working directory, then to the YAML's own
+    directory; ``configs/...`` also names llmtrt's shipped files (installed as package data)."""
+    path = Path(value)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / value]
+    if config_path is not None and not path.is_absolute():
         candidates.append(config_path.parent / value)
+    if not path.is_absolute() and path.parts[:1] == ("configs",):
+        candidates.append(configs.path(*path.parts[1:]))
     for candidate in candidates:
         if candidate.exists():
             return candidate
@@ -153,7 +158,7 @@ def matrix(config: PipelineConfig) -> list[dict[str, Any]]:
 
 def plan(config: PipelineConfig, out_dir: str | Path, config_path: Path | None = None) -> list[Stage]:
     """The ordered stages the config asks for."""
-    from pipelines import stages
+    from llmtrt.pipelines.pipeline import stages
 
     out = Path(out_dir)
     export_dir = out / "onnx" / (config.dialect + ("-static" if config.kv_cache == "static" else ""))
@@ -253,7 +258,7 @@ def run(config: PipelineConfig, out_dir: str | Path, *, only: Sequence[str] = ()
         quiet: bool = False, config_path: Path | None = None) -> dict[str, Any]:
     """Run the plan; returns the summary that report.json holds. Stages of other kinds than ``only``
     must already be cached (their outputs are the inputs of the ones that run)."""
-    from pipelines import stages
+    from llmtrt.pipelines.pipeline import stages
 
     for kind in only:
         if kind not in STAGE_KINDS:

@@ -15,7 +15,7 @@ import time
 
 import click
 
-from exporter.errors import LlmtrtUserError
+from llmtrt.exporter.errors import LlmtrtUserError
 
 EXIT_USAGE = 2
 
@@ -99,10 +99,10 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
       llmtrt export --model ./Llama-3.2-1B --out out/llama --ops standard
       llmtrt export --model bytes-llama --out out/static --kv-cache static --ops standard
     """
-    from exporter.config import resolve_model
-    from exporter.onnx_export import ExportOptions
-    from exporter.onnx_export import export as run_export
-    from pipelines.artifacts import peak_rss_bytes, write_export_manifest
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.exporter.onnx_export import export as run_export
+    from llmtrt.pipelines.artifacts import peak_rss_bytes, write_export_manifest
 
     if max_positions is not None and max_positions < 1:
         raise LlmtrtUserError(f"--max-seq must be a positive integer, got {max_positions}")
@@ -128,8 +128,8 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
 
 
 # Each stage's command lives in its own module and attaches itself to ``main`` on import.
-_COMMAND_MODULES = ("pipelines.cli_build", "pipelines.cli_precision", "pipelines.cli_validate",
-                    "pipelines.cli_compare", "pipelines.cli_generate", "pipelines.cli_pipeline")
+_COMMAND_MODULES = ("llmtrt.pipelines.cli.build", "llmtrt.pipelines.cli.quantize", "llmtrt.pipelines.cli.validate",
+                    "llmtrt.pipelines.cli.compare", "llmtrt.pipelines.cli.generate", "llmtrt.pipelines.cli.pipeline")
 
 
 def _load_commands() -> None:

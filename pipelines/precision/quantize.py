@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import quant_math as qm
-from pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.precision import quant_math as qm
 
 KEEP_CATEGORIES = ("norm", "softmax", "logits")
 FP16_HEADROOM = 0.5  # a tensor whose calibrated |x| exceeds half the fp16 range stays fp32
@@ -759,8 +759,8 @@ def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
     """
     import onnx
 
-    from pipelines.artifacts import load_exported as load
-    from pipelines.artifacts import onnx_sha256, read_manifest, write_export_manifest
+    from llmtrt.pipelines.artifacts import load_exported as load
+    from llmtrt.pipelines.artifacts import onnx_sha256, read_manifest, write_export_manifest
 
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
@@ -789,8 +789,8 @@ def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
     # are held once at a time: by the calibration session, then by the rewrite.
     stats, calibration = None, None
     if entry.calibrated:
-        from pipelines.calibration import DEFAULT_CALIB_TEXT, calibrate
-        from pipelines.tokenizer import load_tokenizer
+        from llmtrt.pipelines.precision.calibration import DEFAULT_CALIB_TEXT, calibrate
+        from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
         text = Path(options.calib_text) if options.calib_text else DEFAULT_CALIB_TEXT
         scout = Rewrite(onnx.load(str(exported.onnx_path), load_external_data=False), options)
@@ -808,7 +808,7 @@ def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
     (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest describing a graph being replaced
     path = _write_onnx_atomically(model, out_dir)
 
-    from exporter.iospec import io_spec
+    from llmtrt.exporter.iospec import io_spec
 
     half = precision in ("fp16", "bf16") and options.kv_cache_io == "half"
     io = io_spec(exported.config, exported.kv_cache, cache_dtype={"fp16": "float16", "bf16": "bfloat16"}[precision]

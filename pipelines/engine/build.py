@@ -26,11 +26,10 @@ from typing import Any
 
 import onnx
 
-from pipelines.artifacts import onnx_sha256, peak_rss_bytes, write_bytes_atomically
-from pipelines.backends import Backend, get_backend
-from pipelines.errors import LlmtrtUserError
-from pipelines.lowering import custom_nodes
-from pipelines.profiles import (
+from llmtrt.pipelines.artifacts import onnx_sha256, peak_rss_bytes, write_bytes_atomically
+from llmtrt.pipelines.engine.backends import Backend, get_backend
+from llmtrt.pipelines.engine.lowering import custom_nodes
+from llmtrt.pipelines.engine.profiles import (
     Profile,
     decode_profile,
     graph_input_dims,
@@ -40,6 +39,7 @@ from pipelines.profiles import (
     static_profiles,
     validate_profiles,
 )
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ def _setup_plugins(be: Backend, model: onnx.ModelProto, onnx_path: Path,
     python_plugins = False
     if custom_nodes(model) and not plugin_paths and be.supports_python_plugins:
         # Our tensorrt.plugin definitions (plugins/<op>/trt_plugin.py); the nodes carry plugin_namespace.
-        from plugins.trt_plugins import register_all
+        from llmtrt.plugins.trt_plugins import register_all
 
         register_all(be.module())
         python_plugins = True
@@ -408,7 +408,7 @@ def _python_plugin_manifest(model: onnx.ModelProto) -> list[dict[str, Any]]:
     used = {n.op_type for n in custom_nodes(model)}
     if not used:
         return []
-    from plugins.trt_plugins import plugin_manifest
+    from llmtrt.plugins.trt_plugins import plugin_manifest
 
     return [entry for entry in plugin_manifest() if entry["name"] in used]
 
@@ -490,8 +490,8 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
     ``precision`` defaults to the export manifest's; a static-cache graph gets its cache length
     pinned in the lowered graph (TensorRT's KV-cache update needs a static sequence axis).
     """
-    from pipelines.artifacts import MANIFEST, load_exported, read_manifest
-    from pipelines.lowering import LOWERINGS, lower_file
+    from llmtrt.pipelines.artifacts import MANIFEST, load_exported, read_manifest
+    from llmtrt.pipelines.engine.lowering import LOWERINGS, lower_file
 
     say = progress or (lambda _msg: None)
     export_dir, out_dir = Path(export_dir), Path(out_dir)

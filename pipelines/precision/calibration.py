@@ -32,13 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.errors import LlmtrtUserError
+from llmtrt import configs
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 CACHE_FILE = "calibration_cache.json"
 ROWS_FILE = "calibration_rows.npz"
 CACHE_SCHEMA = 1
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CALIB_TEXT = REPO_ROOT / "configs" / "text" / "calib.txt"
+DEFAULT_CALIB_TEXT = configs.path("text", "calib.txt")
 _ROWS_BUDGET_BYTES = 1 << 30  # linear-layer input samples kept in memory, all layers together
 
 
@@ -240,7 +240,7 @@ def collect(onnx_path: Path, windows: np.ndarray, linear_inputs: list[str], prog
 # --------------------------------------------------------------------------------------------
 def cache_key(source_onnx_sha256: str, text_path: Path, tokenizer_name: str, windows: np.ndarray,
               linear_inputs: list[str]) -> dict[str, Any]:
-    from pipelines.artifacts import sha256_file
+    from llmtrt.pipelines.artifacts import sha256_file
 
     return {"source_onnx_sha256": source_onnx_sha256, "calib_text": str(text_path),
             "calib_text_sha256": sha256_file(text_path), "tokenizer": tokenizer_name,
@@ -255,7 +255,7 @@ _KEY_FIELDS = ("source_onnx_sha256", "calib_text_sha256", "tokenizer", "samples"
 
 def load_cache(out_dir: Path, key: dict[str, Any]) -> CalibrationStats | None:
     """The cached statistics if calibration_cache.json matches ``key`` (and its rows file its hash)."""
-    from pipelines.artifacts import sha256_file
+    from llmtrt.pipelines.artifacts import sha256_file
 
     path, rows_path = out_dir / CACHE_FILE, out_dir / ROWS_FILE
     if not path.is_file() or not rows_path.is_file():
@@ -279,7 +279,7 @@ def load_cache(out_dir: Path, key: dict[str, Any]) -> CalibrationStats | None:
 
 
 def save_cache(out_dir: Path, key: dict[str, Any], stats: CalibrationStats, linear_inputs: list[str]) -> None:
-    from pipelines.artifacts import sha256_file, write_json_atomically
+    from llmtrt.pipelines.artifacts import sha256_file, write_json_atomically
 
     buf = io.BytesIO()
     np.savez(buf, **{f"rows{i}": stats.rows[name] for i, name in enumerate(linear_inputs)})

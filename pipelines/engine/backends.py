@@ -30,7 +30,7 @@ from functools import cache
 from types import ModuleType
 from typing import Any
 
-from pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 _log = logging.getLogger(__name__)
 

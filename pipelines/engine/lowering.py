@@ -34,7 +34,7 @@ import onnx
 import onnx.inliner
 from onnx import helper
 
-from pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 DOMAIN = "llmtrt"
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
@@ -255,7 +255,7 @@ def lower_plugin(model: onnx.ModelProto, **_: object) -> onnx.ModelProto:
     """Keep custom nodes for plugins, tagged so TensorRT's parser routes them to the llmtrt::<op>
     plugins (``plugin_namespace``) and their ahead-of-time kernels (``aot=1``); the build sets the
     parser's plugin-override flag."""
-    from plugins.trt_plugins import plugin_manifest, plugin_node_attributes
+    from llmtrt.plugins.trt_plugins import plugin_manifest, plugin_node_attributes
 
     with_plugins = {entry["name"] for entry in plugin_manifest()}
     out = onnx.ModelProto()

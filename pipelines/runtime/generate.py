@@ -6,7 +6,7 @@
     result.texts[0], result.stats.decode_tokens_per_s
 
 A *runner* is a context manager that knows its model config, how many positions its graph holds and
-how to make a :data:`pipelines.decoding.Stepper`; the decode loop here is the same for all of them:
+how to make a :data:`llmtrt.pipelines.runtime.decoding.Stepper`; the decode loop here is the same for all of them:
 prefill the (left-padded) prompts in one call, then one token per call, feeding ``present`` back as
 ``past``. Tokens are greedy or temperature + top-p samples from a seeded numpy Generator, so a seed
 reproduces a sample on every backend that computes the same logits.
@@ -24,8 +24,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from exporter.config import ModelConfig
-from pipelines.decoding import (
+from llmtrt.exporter.config import ModelConfig
+from llmtrt.pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.runtime.decoding import (
     Batch,
     Stepper,
     empty_cache,
@@ -34,7 +35,6 @@ from pipelines.decoding import (
     static_cache_adapter,
     torch_stepper,
 )
-from pipelines.errors import LlmtrtUserError
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -116,8 +116,8 @@ class TorchRunner(_Closing):
     """The fp32 PyTorch model (the reference)."""
 
     def __init__(self, spec: str, max_positions: int | None = None) -> None:
-        from exporter.config import resolve_model
-        from exporter.weights import load_model
+        from llmtrt.exporter.config import resolve_model
+        from llmtrt.exporter.weights import load_model
 
         self.source = resolve_model(spec)
         self.config = self.source.config
@@ -136,7 +136,7 @@ class OrtRunner(_Closing):
     def __init__(self, directory: str | Path, provider: str = "auto") -> None:
         import onnxruntime as ort
 
-        from pipelines.artifacts import load_exported
+        from llmtrt.pipelines.artifacts import load_exported
 
         directory = Path(directory)
         try:
@@ -146,7 +146,7 @@ class OrtRunner(_Closing):
                                   "re-run the stage that wrote it (`llmtrt export`)") from None
         self.config = exported.config
         self.kv_cache = exported.kv_cache
-        from pipelines.profiles import max_positions_from_file
+        from llmtrt.pipelines.engine.profiles import max_positions_from_file
 
         self.max_positions = max_positions_from_file(exported.onnx_path) or self.config.max_position_embeddings
         name = _ort_provider(provider, ort.get_available_providers())
@@ -187,8 +187,8 @@ class TensorRTRunner(_Closing):
     """A serialized engine written by ``llmtrt build``; needs a GPU (CUDA memory via torch)."""
 
     def __init__(self, directory: str | Path, precision: str | None = None) -> None:
-        from pipelines.artifacts import load_exported
-        from pipelines.backends import get_backend
+        from llmtrt.pipelines.artifacts import load_exported
+        from llmtrt.pipelines.engine.backends import get_backend
 
         directory = Path(directory)
         self.manifest_path = _engine_manifest(directory, precision)
@@ -346,7 +346,7 @@ def model_dir_for(artifact: str | Path) -> str:
 def eos_token_ids(model: str | Path) -> list[int]:
     """``eos_token_id`` from generation_config.json (else config.json) of the checkpoint behind ``model``
     (a preset, an HF dir, or an artifact whose manifest names one); [] when there is none (bytes-llama)."""
-    from exporter.config import resolve_model
+    from llmtrt.exporter.config import resolve_model
 
     path = Path(model)
     spec = str(model)
@@ -381,7 +381,7 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: Any) -> None:
-        from pipelines.tokenizer import ByteTokenizer
+        from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer
 
         self.tokenizer = tokenizer
         self.ids: list[int] = []

@@ -34,14 +34,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from exporter.errors import LlmtrtUserError
-from pipelines.artifacts import read_manifest, write_json_atomically
-from pipelines.profiles import max_positions_from_file
-from pipelines.runners import ONE_PASS, PREFILL, decode_name
+from llmtrt import configs
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.pipelines.artifacts import read_manifest, write_json_atomically
+from llmtrt.pipelines.engine.profiles import max_positions_from_file
+from llmtrt.pipelines.runtime.runners import ONE_PASS, PREFILL, decode_name
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TOLERANCES = REPO / "configs" / "tolerances.yaml"
-DEFAULT_TEXT = REPO / "configs" / "text" / "eval.txt"
+DEFAULT_TOLERANCES = configs.path("tolerances.yaml")
+DEFAULT_TEXT = configs.path("text", "eval.txt")
 GROUP_FIELDS = {"atol", "rtol", "mean_atol", "min_cosine_similarity", "min_top1_agreement"}
 GROUPS = ("logits", "present", "kv_cache")
 REPRODUCE = ("polygraphy run {onnx} --onnxrt --load-inputs {inputs} --load-outputs {reference} "
@@ -185,9 +185,9 @@ def prompt_rows(tokens: Sequence[int], batch: int) -> list[list[int]]:
 
 def greedy_tokens(model_source: str, seed: int, prompts: list[list[int]], steps: int, max_positions: int | None
                   ) -> np.ndarray:
-    from exporter.config import resolve_model
-    from exporter.weights import load_model
-    from pipelines.decoding import Batch, empty_cache, prefill_then_decode, torch_stepper
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.weights import load_model
+    from llmtrt.pipelines.runtime.decoding import Batch, empty_cache, prefill_then_decode, torch_stepper
 
     source = resolve_model(model_source, seed=seed)
     c = source.config
@@ -344,9 +344,9 @@ def validate(artifact_dir: str | Path, options: ValidateOptions = ValidateOption
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.logger import G_LOGGER
 
-    from pipelines.artifacts import load_exported
-    from pipelines.decoding import Batch
-    from pipelines.runners import (
+    from llmtrt.pipelines.artifacts import load_exported
+    from llmtrt.pipelines.runtime.decoding import Batch
+    from llmtrt.pipelines.runtime.runners import (
         DecodePlan,
         OnnxRuntimeRunner,
         PyTorchRunner,
@@ -354,7 +354,7 @@ def validate(artifact_dir: str | Path, options: ValidateOptions = ValidateOption
         prefill_feed,
         tensorrt_unavailable,
     )
-    from pipelines.tokenizer import load_tokenizer
+    from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
     artifact_dir = Path(artifact_dir)
     if options.batch < 1 or options.decode_steps < 0 or options.prompt_tokens < 1:
@@ -581,9 +581,9 @@ def layerwise(exported, manifest: dict[str, Any], feed: Mapping[str, np.ndarray]
               reference: str | Path | None, stage: Path | None) -> dict[str, Any]:
     """Every intermediate tensor of the artifact vs the same tensor of an fp32 reference export (matched by
     node name and output index, names follow modules), and the first node where the error jumps."""
-    from exporter.config import resolve_model
-    from exporter.onnx_export import ExportOptions, export
-    from pipelines.artifacts import load_exported
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions, export
+    from llmtrt.pipelines.artifacts import load_exported
 
     with tempfile.TemporaryDirectory(prefix="llmtrt-layerwise-") as tmp:
         if reference is not None:

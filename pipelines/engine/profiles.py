@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 # Symbolic dim names (ONNX Runtime GenAI spelling first) -> profile quantity.
 DIM_ALIASES: dict[str, str] = {

@@ -5,7 +5,7 @@ meaningless, so the project ships a *trained* small model.  This script makes
 it reproducibly, offline, on CPU, from text every Python installation carries:
 the pydoc topic help (``pydoc_data.topics.topics``).
 
-    python -m exporter.train_fixture [--out DIR] [--steps N] [--seed S]
+    python -m tools.train_fixture [--out DIR] [--steps N] [--seed S]
 
 Outputs (defaults):
 
@@ -384,7 +384,7 @@ Greedy continuation ({SAMPLE_NEW_BYTES} bytes) of `{SAMPLE_PROMPT!r}`:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m exporter.train_fixture",
+        prog="python -m tools.train_fixture",
         description="Train the built-in byte-level GQA Llama fixture on pydoc topic text (CPU, offline).",
     )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model directory (default {DEFAULT_OUT})")
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     uni = unigram_nll(train_ids, eval_ids)
     sample = greedy(reloaded, SAMPLE_PROMPT)
 
-    cmd_parts = ["python -m exporter.train_fixture"]
+    cmd_parts = ["python -m tools.train_fixture"]
     if args.out.resolve() != DEFAULT_OUT:
         cmd_parts.append(f"--out {args.out}")
     if args.text_dir.resolve() != DEFAULT_TEXT_DIR:

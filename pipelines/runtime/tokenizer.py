@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.errors import LlmtrtUserError
 
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_VOCAB = 256
@@ -84,15 +84,15 @@ def load_tokenizer(model: str | Path) -> Tokenizer:
         return HFTokenizer(path / TOKENIZER_FILE)
     if path.is_dir() and (path / "manifest.json").is_file():
         return _from_manifest(path)
-    from exporter.config import resolve_model
+    from llmtrt.exporter.config import resolve_model
 
     source = resolve_model(str(model))
     return _for_source(source.checkpoint_dir, source.config.vocab_size, str(model))
 
 
 def _from_manifest(directory: Path) -> Tokenizer:
-    from exporter.config import resolve_model
-    from pipelines.artifacts import read_manifest
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.pipelines.artifacts import read_manifest
 
     manifest = read_manifest(directory)
     spec = manifest.get("model_source")

@@ -4,7 +4,7 @@
     x' = (q - zero_point) * scale                                   # DequantizeLinear
 
 Everything here is numpy on plain arrays, with no graph in sight, so it is unit-tested against
-hand-computed values (tests/pipelines/test_quant_math.py). Conventions used by pipelines.precision:
+hand-computed values (tests/pipelines/test_quant_math.py). Conventions used by llmtrt.pipelines.precision.quantize:
 
 - weights of a linear layer are stored ``[in, out]`` (``<module>.weight_t``: ``y = x @ W``);
 - int8 weights are symmetric per output channel (axis 1, zero point 0, range -127..127 so that

@@ -1,0 +1,5 @@
+"""``python -m llmtrt`` is the ``llmtrt`` command."""
+
+from llmtrt.pipelines.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Checks of artifacts against the fp32 PyTorch model: ``llmtrt validate`` and ``llmtrt compare``."""

@@ -1,0 +1,1 @@
+"""``llmtrt pipeline``: one YAML runs every stage, cached by content."""
