@@ -66,14 +66,12 @@ def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5, threads: int = 2) -> 
 def _export_child(spec: str, out: str, dialect: str) -> None:
     """Runs in a subprocess: export one model, print one JSON line with time and peak RSS."""
     from llmtrt.exporter.config import resolve_model
-    from llmtrt.exporter.onnx_export import ExportOptions, export
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.pipelines.artifacts import export_artifact
 
     t0 = time.perf_counter()
-    result = export(resolve_model(spec), out, ExportOptions(dialect=dialect))
+    result = export_artifact(resolve_model(spec), out, ExportOptions(dialect=dialect))  # the build benchmark reads it
     seconds = time.perf_counter() - t0
-    from llmtrt.pipelines.artifacts import write_export_manifest
-
-    write_export_manifest(result, spec)  # the build benchmark reads it
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"export_seconds": round(seconds, 2), "peak_rss_bytes": peak,
                       "streaming": result.stats["streaming"], "weights_bytes": result.stats["weights_bytes"]}))
@@ -333,12 +331,12 @@ def run(quick: bool, work: Path, repeats: int, dialects: list[str], with_genai: 
               "bytes_per_token": bound_bytes,
               "bandwidth_bound_tok_s": round(report["memory_bandwidth_gbs"] * 1e9 / bound_bytes, 2),
               "rows": [], "errors": []}
-    from llmtrt.exporter.onnx_export import ExportOptions, export
-    from llmtrt.pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.pipelines.artifacts import export_artifact
 
     for dialect in dialects:  # exported in this process: only the timings below matter here
         out = work / "decode" / dialect
-        write_export_manifest(export(source, out, ExportOptions(dialect=dialect)), decode_spec)  # quantize() reads it
+        export_artifact(source, out, ExportOptions(dialect=dialect))  # quantize() reads it
         decode["rows"].append({"runtime": "onnxruntime", "graph": "llmtrt", "dialect": dialect, "precision": "fp32",
                                **ort_decode(out / "model.onnx", source.config, prompt_len, new_tokens, repeats)})
     decode["rows"].extend(_our_quantized(decode, work, source, dialects[0], prompt_len, new_tokens, repeats, quick))
@@ -525,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.quick, args.work, repeats, args.dialects.split(","), with_genai=not args.no_genai)
     print(format_table(report))
     if args.json:
-        from llmtrt.pipelines.artifacts import write_json_atomically
+        from llmtrt.exporter.files import write_json_atomically
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(args.json, report)

@@ -13,11 +13,8 @@ from dataclasses import asdict, dataclass
 
 import onnx
 
-from llmtrt.exporter.config import ModelConfig
-
 BATCH, SEQ, PAST, TOTAL = "batch", "sequence_length", "past_sequence_length", "total_sequence_length"
 MAX_CACHE = "max_cache_length"
-KV_CACHE_LAYOUTS = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -70,25 +67,3 @@ class IOSpec:
                     dim.dim_param = want
                 else:
                     dim.dim_value = want
-
-
-def io_spec(config: ModelConfig, kv_cache: str = "dynamic", cache_dtype: str = "float32",
-            logits_dtype: str = "float32") -> IOSpec:
-    """The graph IO for a cache layout: "dynamic" (past in, past + seq out) or "static" (a fixed
-    [batch, kv_heads, max_cache_length, head_dim] cache updated at ``write_indices [batch]``)."""
-    static = kv_cache == "static"
-    kv = (BATCH, config.num_key_value_heads, MAX_CACHE if static else PAST, config.head_dim)
-    present = (BATCH, config.num_key_value_heads, MAX_CACHE if static else TOTAL, config.head_dim)
-    inputs = [
-        TensorSpec("input_ids", "int64", (BATCH, SEQ)),
-        TensorSpec("position_ids", "int64", (BATCH, SEQ)),
-        TensorSpec("attention_mask", "int64", (BATCH, MAX_CACHE if static else TOTAL)),
-    ]
-    outputs = [TensorSpec("logits", logits_dtype, (BATCH, SEQ, config.vocab_size))]
-    for i in range(config.num_hidden_layers):
-        for kind in ("key", "value"):
-            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", cache_dtype, kv))
-            outputs.append(TensorSpec(f"present.{i}.{kind}", cache_dtype, present))
-    if static:
-        inputs.append(TensorSpec("write_indices", "int64", (BATCH,)))
-    return IOSpec(tuple(inputs), tuple(outputs))

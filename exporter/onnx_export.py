@@ -2,16 +2,14 @@
 
 The model is exported once, with the llmtrt custom nodes; a dialect pass then gives the graph its
 final form (custom nodes + local functions, opset-23 standard ops, or primitive ops only).
-Files are written to a temporary directory and moved into place at the end, so a failed or
-interrupted export never leaves a ``model.onnx`` behind.
+The functions here write into the directory they are given; llmtrt.pipelines.artifacts.export_artifact
+hands them a temporary one and swaps it into place with the manifest, so a failed or interrupted
+export never leaves a ``model.onnx`` behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,8 @@ import torch
 from llmtrt.exporter import dialects
 from llmtrt.exporter.config import ModelConfig, ModelSource
 from llmtrt.exporter.errors import LlmtrtUserError
-from llmtrt.exporter.iospec import KV_CACHE_LAYOUTS, IOSpec, io_spec
+from llmtrt.exporter.iospec import IOSpec
+from llmtrt.exporter.kv_cache import get_layout
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -43,11 +42,8 @@ class ExportOptions:
 
     def resolved_opset(self) -> int:
         spec = dialects.get(self.dialect)
-        if self.kv_cache not in KV_CACHE_LAYOUTS:
-            raise LlmtrtUserError(f"--kv-cache {self.kv_cache!r} is not a layout; use one of {', '.join(KV_CACHE_LAYOUTS)}")
-        min_opset = spec.min_opset
-        if self.dialect == "standard" and self.kv_cache == "static":
-            min_opset = 24  # TensorScatter
+        layout = get_layout(self.kv_cache)
+        min_opset = max(spec.min_opset, layout.min_standard_opset) if self.dialect == "standard" else spec.min_opset
         opset = self.opset or max(spec.default_opset, min_opset)
         if opset < min_opset:
             raise LlmtrtUserError(
@@ -55,6 +51,8 @@ class ExportOptions:
                 f"it needs opset >= {min_opset}")
         if opset > dialects.MAX_OPSET:
             raise LlmtrtUserError(f"--opset {opset} is newer than the installed onnx supports ({dialects.MAX_OPSET})")
+        if self.max_positions is not None and self.max_positions < 1:
+            raise LlmtrtUserError(f"--max-seq must be a positive integer, got {self.max_positions}")
         return opset
 
 
@@ -71,51 +69,17 @@ class ExportedModel:
     kv_cache: str = "dynamic"
 
 
-def _sample_inputs(model, kv_cache: str, batch: int = 2, seq: int = 3, past: int = 4, max_len: int = 9):
-    # Sizes > 1 and distinct, so torch.export keeps every dynamic dimension symbolic.
-    c = model.config
-    input_ids = torch.zeros(batch, seq, dtype=torch.int64)
-    position_ids = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous()
-    cache_len = max_len if kv_cache == "static" else past
-    mask_len = max_len if kv_cache == "static" else past + seq
-    attention_mask = torch.ones(batch, mask_len, dtype=torch.int64)
-    cache = [torch.zeros(batch, c.num_key_value_heads, cache_len, c.head_dim) for _ in range(2 * c.num_hidden_layers)]
-    if kv_cache == "static":
-        return input_ids, position_ids, attention_mask, cache, torch.full((batch,), past, dtype=torch.int64)
-    return input_ids, position_ids, attention_mask, cache
-
-
-def _dynamic_shapes(n_cache: int, kv_cache: str):
-    dim = torch.export.Dim
-    batch, seq = dim("batch"), dim("sequence_length")
-    if kv_cache == "static":
-        max_len = dim("max_cache_length")
-        return {
-            "input_ids": {0: batch, 1: seq},
-            "position_ids": {0: batch, 1: seq},
-            "attention_mask": {0: batch, 1: max_len},
-            "past_key_values": [{0: batch, 2: max_len}] * n_cache,
-            "write_indices": {0: batch},
-        }
-    past, total = dim("past_sequence_length"), dim("total_sequence_length")
-    return {
-        "input_ids": {0: batch, 1: seq},
-        "position_ids": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: total},
-        "past_key_values": [{0: batch, 2: past}] * n_cache,
-    }
-
-
 def capture(model, kv_cache: str = "dynamic") -> onnx.ModelProto:
     """Run the dynamo exporter with the custom translation table; returns the graph with llmtrt nodes
     (no function bodies yet) at ``dialects.CAPTURE_OPSET``."""
     from llmtrt.plugins.registry import translation_table
 
-    io = io_spec(model.config, kv_cache)
-    args = _sample_inputs(model, kv_cache)
+    layout = get_layout(kv_cache)
+    io = layout.io_spec(model.config)
+    args = layout.sample_inputs(model.config)
     with warnings_quiet():
         program = torch.onnx.export(
-            model, args, dynamo=True, dynamic_shapes=_dynamic_shapes(len(args[3]), kv_cache),
+            model, args, dynamic_shapes=layout.dynamic_shapes(len(args[3])), dynamo=True,
             custom_translation_table=translation_table(), input_names=io.input_names,
             output_names=io.output_names, opset_version=dialects.CAPTURE_OPSET, optimize=True, verbose=False,
         )
@@ -145,58 +109,39 @@ def export_model(model, out_dir: str | Path, options: ExportOptions = ExportOpti
     """Export ``model`` (an llmtrt.exporter.model.LlamaDecoder) to ``out_dir/model.onnx`` in the chosen dialect."""
     out_dir = Path(out_dir)
     opset = options.resolved_opset()
-    _check_writable(out_dir)
     t0 = time.perf_counter()
     with torch.no_grad():
         proto = capture(model, options.kv_cache)
     proto = dialects.finalize(proto, model.config, options.dialect, opset)
-    io = io_spec(model.config, options.kv_cache)
+    io = get_layout(options.kv_cache).io_spec(model.config)
     io.apply_dim_names(proto)
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     external = options.external_data if options.external_data is not None else size > EXTERNAL_DATA_THRESHOLD
-    onnx_path = write_atomically(proto, out_dir, external)
+    onnx_path = write_model(proto, out_dir, external)
     stats = {"export_seconds": round(time.perf_counter() - t0, 3), "weights_bytes": size, "external_data": external,
              "streaming": False}
     return ExportedModel(onnx_path, model.config, io, options.dialect, opset, stats, options.kv_cache)
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LlmtrtUserError(f"--out {out_dir}: cannot create the directory ({exc.strerror}); choose another path") from None
-    if not os.access(out_dir, os.W_OK):
-        raise LlmtrtUserError(f"--out {out_dir}: directory is not writable; choose another path or fix its permissions")
-
-
-def write_atomically(proto: onnx.ModelProto, out_dir: Path, external: bool, write_data=None) -> Path:
-    """Save into a temp dir beside the target, then move the data file and finally model.onnx in place.
+def write_model(proto: onnx.ModelProto, out_dir: Path, external: bool, write_data=None) -> Path:
+    """Save model.onnx (+ model.onnx.data) into ``out_dir`` (a fresh directory: the caller makes the
+    artifact appear whole, see llmtrt.exporter.files.artifact_dir) and run the ONNX checker on the file.
 
     ``write_data(path)``, when given, writes model.onnx.data itself; ``proto`` then already points
     its large initializers at that file and is saved as it is.
     """
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
-    try:
-        if write_data is not None:
-            write_data(tmp / DATA_FILE)
-            onnx.save_model(proto, tmp / MODEL_FILE)
-        elif external:
-            onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=DATA_FILE, size_threshold=1024)
-        else:
-            onnx.save_model(proto, tmp / MODEL_FILE)
-        # Checked from the file: an in-memory proto over 2 GB cannot be serialized for the checker.
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=False)
-        for written in tmp.iterdir():
-            os.chmod(written, 0o644)
-        if external and (tmp / DATA_FILE).exists():
-            os.replace(tmp / DATA_FILE, out_dir / DATA_FILE)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                (out_dir / DATA_FILE).unlink()
-        os.replace(tmp / MODEL_FILE, out_dir / MODEL_FILE)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if write_data is not None:
+        if external:
+            write_data(out_dir / DATA_FILE)
+        onnx.save_model(proto, out_dir / MODEL_FILE)
+    elif external:
+        onnx.save_model(proto, out_dir / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(proto, out_dir / MODEL_FILE)
+    # Checked from the file: an in-memory proto over 2 GB cannot be serialized for the checker.
+    onnx.checker.check_model(str(out_dir / MODEL_FILE), full_check=False)
     return out_dir / MODEL_FILE
 
 
@@ -231,20 +176,19 @@ def export_streaming(source: ModelSource, out_dir: str | Path, options: ExportOp
 
     out_dir = Path(out_dir)
     opset = options.resolved_opset()
-    _check_writable(out_dir)
     t0 = time.perf_counter()
     config = source.config
     checkpoint = streaming.Checkpoint(config, source.checkpoint_dir)  # key/shape errors before the capture
     proto = streaming.capture(checkpoint, config, options.kv_cache, options.max_positions)
     proto = dialects.finalize(proto, config, options.dialect, opset)
-    io = io_spec(config, options.kv_cache)
+    io = get_layout(options.kv_cache).io_spec(config)
     io.apply_dim_names(proto)
     size = streaming.initializer_bytes(proto)
     external = options.external_data if options.external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     plan = streaming.lay_out(proto, external)
     streaming.fill_inline(proto, checkpoint)
-    onnx_path = write_atomically(proto, out_dir, external,
-                                 write_data=lambda path: streaming.write_data(path, plan, checkpoint))
+    onnx_path = write_model(proto, out_dir, external,
+                            write_data=lambda path: streaming.write_data(path, plan, checkpoint))
     stats = {"export_seconds": round(time.perf_counter() - t0, 3), "weights_bytes": size, "external_data": external,
              "streaming": True}
     return ExportedModel(onnx_path, config, io, options.dialect, opset, stats, options.kv_cache)

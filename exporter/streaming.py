@@ -144,17 +144,18 @@ def capture(checkpoint: Checkpoint, config: ModelConfig, kv_cache: str, max_posi
     import onnx_ir as ir
 
     from llmtrt.exporter import dialects
-    from llmtrt.exporter.iospec import io_spec
-    from llmtrt.exporter.onnx_export import _dynamic_shapes, _sample_inputs, warnings_quiet
+    from llmtrt.exporter.kv_cache import get_layout
+    from llmtrt.exporter.onnx_export import warnings_quiet
     from llmtrt.exporter.weights import expected_shapes
     from llmtrt.plugins.registry import translation_table
 
     model = meta_model(config, max_positions)
-    io = io_spec(config, kv_cache)
-    args = _sample_inputs(model, kv_cache)
+    layout = get_layout(kv_cache)
+    io = layout.io_spec(config)
+    args = layout.sample_inputs(config)
     with torch.no_grad(), warnings_quiet():
         program = torch.onnx.export(
-            model, args, dynamo=True, dynamic_shapes=_dynamic_shapes(len(args[3]), kv_cache),
+            model, args, dynamo=True, dynamic_shapes=layout.dynamic_shapes(len(args[3])),
             custom_translation_table=translation_table(), input_names=io.input_names,
             output_names=io.output_names, opset_version=dialects.CAPTURE_OPSET, optimize=False, verbose=False,
         )

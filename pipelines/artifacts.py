@@ -1,55 +1,78 @@
 """manifest.json: how one stage hands a typed artifact to the next.
 
-A stage learns what an artifact is by reading its manifest, never from a file name. Manifests
-carry content hashes, so a later stage can tell whether its inputs changed.
+    exported = export_artifact(resolve_model("bytes-llama"), "out/onnx")   # model.onnx + manifest.json, whole
+    exported = load_exported("out/onnx")                                     # checked against its manifest
+
+A stage learns what an artifact is by reading its manifest, never from a file name. Manifests carry
+content hashes, so a later stage can tell whether its inputs changed, and the model source as an
+absolute path (or a built-in preset name) plus a fingerprint of its config and weights, so a command
+that re-opens the checkpoint can tell that it moved or changed. Every artifact directory is written
+whole through :func:`llmtrt.exporter.files.artifact_dir`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import platform
 import resource
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llmtrt.exporter.config import ModelConfig, RopeScaling
+from llmtrt.exporter.config import MODELS_DIR, ModelConfig, ModelSource, RopeScaling, resolve_model
 from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.exporter.files import artifact_dir, sha256_file, write_json_atomically
 from llmtrt.exporter.iospec import IOSpec
-from llmtrt.exporter.onnx_export import ExportedModel
+from llmtrt.exporter.onnx_export import ExportedModel, ExportOptions
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _LIBRARIES = ("llmtrt", "torch", "onnx", "onnxscript", "onnxruntime", "polygraphy",
               "tensorrt", "tensorrt_rtx_cu13_bindings", "transformers")
+# field -> type every ONNX artifact manifest must have
+_REQUIRED = {"schema_version": int, "kind": str, "model_source": str, "onnx": str, "onnx_sha256": str,
+             "dialect": str, "kv_cache": str, "opset": int, "precision": str, "config": dict, "io": dict}
+_FINGERPRINTED = (".json", ".safetensors")
+_NOT_FINGERPRINTED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+# --------------------------------------------------------------------------------------------
+# hashes and facts
+# --------------------------------------------------------------------------------------------
+def load_graph(onnx_path: str | Path):
+    """The graph of an ONNX file without its external weights; a truncated or foreign file is a user error."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    onnx_path = Path(onnx_path)
+    try:
+        return onnx.load(str(onnx_path), load_external_data=False)
+    except FileNotFoundError:
+        raise LlmtrtUserError(f"{onnx_path}: no such file; re-run the stage that writes it") from None
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise LlmtrtUserError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__}); the file is truncated "
+                              "or not ONNX: re-run the stage that wrote it") from None
 
 
 def onnx_sha256(onnx_path: str | Path, model: Any = None) -> str:
     """Hash of the graph file's hash plus the hash of every external-data file it references
     (read from the graph without loading weights; pass ``model`` when it is loaded already)."""
-    import onnx
-
     onnx_path = Path(onnx_path)
     if model is None:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        model = load_graph(onnx_path)
     h = hashlib.sha256(sha256_file(onnx_path).encode())
-    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    for location in sorted(locations):
+    for location in external_data_files(model):
         data = onnx_path.parent / location
         if data.is_file():
             h.update(sha256_file(data).encode())
     return h.hexdigest()
+
+
+def external_data_files(model: Any) -> list[str]:
+    """The external-data file names an ONNX graph references."""
+    return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
 
 
 def library_versions() -> dict[str, str]:
@@ -67,30 +90,64 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_bytes_atomically(path: Path, data: bytes | memoryview) -> None:
-    """Write to a hidden temp file in the same directory, fsync, rename over ``path`` (mode 0644)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+# --------------------------------------------------------------------------------------------
+# the model source
+# --------------------------------------------------------------------------------------------
+def source_spec(source: ModelSource) -> str:
+    """What a manifest records as ``model_source``: a built-in model's name, else an absolute path."""
+    if source.checkpoint_dir is None:
+        path = Path(source.spec)
+        return str(path.resolve()) if path.suffix in (".yaml", ".yml") and path.is_file() else source.spec
+    directory = Path(source.checkpoint_dir).resolve()
+    return directory.name if directory.parent == MODELS_DIR.resolve() else str(directory)
+
+
+def source_fingerprint(source: ModelSource) -> str:
+    """sha256 over the model's config and weights: the checkpoint's config.json, index and safetensors
+    files (tokenizer and generation files excluded), or a preset's config plus its random-init seed."""
+    h = hashlib.sha256(json.dumps(source.config.to_dict(), sort_keys=True).encode())
+    if source.checkpoint_dir is None:
+        h.update(f"random-init seed {source.seed}".encode())
+        return h.hexdigest()
+    for path in sorted(Path(source.checkpoint_dir).iterdir()):
+        if path.suffix in _FINGERPRINTED and path.name not in _NOT_FINGERPRINTED and path.is_file():
+            h.update(path.name.encode() + b"\0" + sha256_file(path).encode())
+    return h.hexdigest()
+
+
+def open_model_source(manifest: dict[str, Any], where: str | Path, *, verify: bool = True) -> ModelSource:
+    """The ModelSource a manifest names, checked to still be the same model (config and weights)."""
+    spec, seed = manifest.get("model_source"), int(manifest.get("seed", 0))
+    if not isinstance(spec, str) or not spec:
+        raise LlmtrtUserError(f"{where}: manifest has no model_source; re-run `llmtrt export`")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are read by other users and stages
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        source = resolve_model(spec, seed=seed)
+    except LlmtrtUserError as exc:
+        raise LlmtrtUserError(f"{where}: the model it was made from, {spec}, cannot be opened any more ({exc}); "
+                              "put the checkpoint back or re-export from its new place") from None
+    expected = manifest.get("model_source_sha256")
+    if verify and expected and source_fingerprint(source) != expected:
+        raise LlmtrtUserError(f"{where}: the model at {spec} changed since the export (its config or weights "
+                              "differ from the manifest's model_source_sha256); re-export it")
+    return source
 
 
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    write_bytes_atomically(Path(path), (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
-
-
-def write_export_manifest(exported: ExportedModel, source_spec: str, extra: dict[str, Any] | None = None) -> Path:
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+def write_export_manifest(exported: ExportedModel, source: ModelSource | dict[str, Any],
+                          extra: dict[str, Any] | None = None) -> Path:
+    """manifest.json beside ``exported.onnx_path`` (inside the directory being written). ``source`` is
+    the ModelSource exported, or the manifest of the artifact this one was derived from."""
+    if isinstance(source, dict):
+        origin = {k: source.get(k) for k in ("model_source", "model_source_sha256", "seed")}
+    else:
+        origin = {"model_source": source_spec(source), "model_source_sha256": source_fingerprint(source),
+                  "seed": source.seed}
     payload = {
         "schema_version": SCHEMA_VERSION,
         "kind": "onnx",
-        "model_source": source_spec,
+        **origin,
         "onnx": exported.onnx_path.name,
         "onnx_sha256": onnx_sha256(exported.onnx_path),
         "dialect": exported.dialect,
@@ -108,23 +165,66 @@ def write_export_manifest(exported: ExportedModel, source_spec: str, extra: dict
     return path
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
+def export_artifact(source: ModelSource, out_dir: str | Path, options: ExportOptions = ExportOptions(),  # noqa: B008
+                    extra: dict[str, Any] | None = None) -> ExportedModel:
+    """Export ``source`` to ``out_dir``: model.onnx (+ data) and manifest.json, swapped in as one directory."""
+    from llmtrt.exporter.onnx_export import export
+
+    options.resolved_opset()  # a bad option fails before the directory is touched
+    out = Path(out_dir)
+    with artifact_dir(out) as tmp:
+        exported = export(source, tmp, options)
+        stats = {**exported.stats, "peak_rss_bytes": peak_rss_bytes()}
+        exported = dataclasses.replace(exported, stats=stats)
+        write_export_manifest(exported, source, extra)
+    return dataclasses.replace(exported, onnx_path=out / exported.onnx_path.name)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+def read_manifest(directory: str | Path, required: dict[str, type] | None = None) -> dict[str, Any]:
+    """manifest.json as a dict, checked for the fields every stage relies on (exit 2 naming the field)."""
     path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise LlmtrtUserError(f"{directory}: no such directory; pass an artifact directory (with {MANIFEST}) written "
+                              "by `llmtrt export` or `llmtrt quantize`")
     if not path.is_file():
         raise LlmtrtUserError(f"{directory}: no {MANIFEST}; point at a directory written by `llmtrt export`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LlmtrtUserError(f"{path}: corrupt manifest ({exc}); re-run the stage that wrote it") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LlmtrtUserError(f"{path}: corrupt manifest ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                              "re-run the stage that wrote it") from None
+    except OSError as exc:
+        raise LlmtrtUserError(f"{path}: cannot read it ({exc.strerror})") from None
+    if not isinstance(raw, dict):
+        raise LlmtrtUserError(f"{path}: corrupt manifest (not a JSON object); re-run the stage that wrote it")
+    for key, kind in (required if required is not None else _REQUIRED).items():
+        if key not in raw:
+            raise LlmtrtUserError(f"{path}: field {key!r} is missing; re-run the stage that wrote it")
+        if not isinstance(raw[key], kind) or (kind is int and isinstance(raw[key], bool)):
+            raise LlmtrtUserError(f"{path}: field {key!r} should be {kind.__name__}, found {type(raw[key]).__name__}; "
+                                  "re-run the stage that wrote it")
+    return raw
 
 
-def load_exported(directory: str | Path) -> ExportedModel:
-    """The ExportedModel a directory's manifest describes (and a check that the ONNX is the one hashed)."""
-    raw = read_manifest(directory)
-    cfg = dict(raw["config"])
-    cfg["rope_scaling"] = RopeScaling(**cfg["rope_scaling"])
+def load_exported(directory: str | Path, manifest: dict[str, Any] | None = None) -> ExportedModel:
+    """The ExportedModel a directory's manifest describes; fields that do not fit together are user errors."""
+    from llmtrt.exporter.kv_cache import get_layout
+
+    raw = manifest if manifest is not None else read_manifest(directory)
+    path = Path(directory) / MANIFEST
+    try:
+        cfg = dict(raw["config"])
+        cfg["rope_scaling"] = RopeScaling(**cfg.get("rope_scaling") or {})
+        config = ModelConfig(**cfg)
+        io = IOSpec.from_dict(raw["io"])
+    except (TypeError, KeyError, ValueError, LlmtrtUserError) as exc:
+        raise LlmtrtUserError(f"{path}: its config/io fields are not a model llmtrt can read ({exc}); "
+                              "re-run the stage that wrote it") from None
+    get_layout(raw["kv_cache"], where=f"{path}: kv_cache")
     onnx_path = Path(directory) / raw["onnx"]
     if not onnx_path.is_file():
-        raise LlmtrtUserError(f"{onnx_path}: listed in {MANIFEST} but missing; re-run `llmtrt export`")
-    return ExportedModel(onnx_path, ModelConfig(**cfg), IOSpec.from_dict(raw["io"]), raw["dialect"],
-                         raw["opset"], raw.get("stats", {}), raw.get("kv_cache", "dynamic"))
+        raise LlmtrtUserError(f"{onnx_path}: listed in {MANIFEST} but missing; re-run the stage that wrote it")
+    return ExportedModel(onnx_path, config, io, raw["dialect"], raw["opset"], raw.get("stats", {}), raw["kv_cache"])

@@ -23,8 +23,6 @@ through a runner chosen by the manifest's ``kind`` (:data:`RUNNERS`: ONNX Runtim
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -518,7 +516,8 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
                       pytorch_reference: bool = True, progress: Callable[[str], None] | None = None
                       ) -> CompareResult:
     """Evaluate ``{precision: artifact_dir}`` (fp32 included) and gate them; write reports to ``out_dir``."""
-    from llmtrt.pipelines.artifacts import read_manifest, sha256_file
+    from llmtrt.exporter.files import sha256_file
+    from llmtrt.pipelines.artifacts import read_manifest
     from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
     say = progress or (lambda _msg: None)
@@ -577,30 +576,18 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
 
 def write_reports(result: CompareResult, out_dir: Path, say: Callable[[str], None] = print) -> dict[str, Path]:
     """compare.json, compare.md and (with matplotlib) compare.png, each written whole or not at all."""
-    from llmtrt.pipelines.artifacts import write_json_atomically
+    from llmtrt.exporter.files import write_json_atomically, write_text_atomically
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "compare.json", "md": out_dir / "compare.md"}
     write_json_atomically(paths["json"], result.to_dict())
-    _write_text_atomically(paths["md"], result.markdown())
+    write_text_atomically(paths["md"], result.markdown())
     png = write_plot(result, out_dir / "compare.png")
     if png is None:
         say("note: matplotlib is not installed, so compare.png was not drawn (pip install matplotlib)")
     else:
         paths["png"] = png
     return paths
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_plot(result: CompareResult, path: Path) -> Path | None:
@@ -632,15 +619,11 @@ def write_plot(result: CompareResult, path: Path) -> Path | None:
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"{result.eval['text']}: {result.eval['predictions']} predictions (red: over threshold)")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from llmtrt.exporter.files import atomic_file
+
     try:
-        fig.savefig(tmp, dpi=100)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
     return path

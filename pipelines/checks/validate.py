@@ -36,7 +36,8 @@ import yaml
 
 from llmtrt import configs
 from llmtrt.exporter.errors import LlmtrtUserError
-from llmtrt.pipelines.artifacts import read_manifest, write_json_atomically
+from llmtrt.exporter.files import write_json_atomically
+from llmtrt.pipelines.artifacts import read_manifest
 from llmtrt.pipelines.engine.profiles import max_positions_from_file
 from llmtrt.pipelines.runtime.runners import ONE_PASS, PREFILL, decode_name
 

@@ -7,7 +7,6 @@ and exits 2; any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -100,23 +99,21 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
       llmtrt export --model bytes-llama --out out/static --kv-cache static --ops standard
     """
     from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.files import check_out_dir
     from llmtrt.exporter.onnx_export import ExportOptions
-    from llmtrt.exporter.onnx_export import export as run_export
-    from llmtrt.pipelines.artifacts import peak_rss_bytes, write_export_manifest
+    from llmtrt.pipelines.artifacts import MANIFEST, export_artifact
 
-    if max_positions is not None and max_positions < 1:
-        raise LlmtrtUserError(f"--max-seq must be a positive integer, got {max_positions}")
     options = ExportOptions(dialect=dialect, opset=opset, max_positions=max_positions, kv_cache=kv_cache)
     options.resolved_opset()  # reject a bad --ops/--opset pair before any work
+    check_out_dir(out_dir)
     t0 = time.perf_counter()
     source = resolve_model(model_spec, seed=seed)
     kind = f"weights from {source.checkpoint_dir}" if source.is_checkpoint else f"random init, seed {seed}"
     _progress(f"exporting {source.config.name} ({source.config.num_parameters / 1e6:.1f}M params, {kind}) "
               f"with --ops {dialect}", quiet=as_json)
-    exported = run_export(source, out_dir, options)
-    stats = {**exported.stats, "peak_rss_bytes": peak_rss_bytes(), "total_seconds": round(time.perf_counter() - t0, 3)}
-    exported = dataclasses.replace(exported, stats=stats)
-    manifest = write_export_manifest(exported, model_spec, extra={"seed": seed})
+    exported = export_artifact(source, out_dir, options)
+    stats = {**exported.stats, "total_seconds": round(time.perf_counter() - t0, 3)}
+    manifest = exported.onnx_path.parent / MANIFEST
     summary = {"onnx": str(exported.onnx_path), "manifest": str(manifest), "dialect": dialect,
                "kv_cache": kv_cache, "opset": exported.opset, **stats}
     if as_json:

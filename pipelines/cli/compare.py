@@ -123,8 +123,7 @@ def _build(model_spec: str, precisions: list[str], calib_text: str | None, out: 
            quiet: bool = False) -> dict[str, str]:
     """Export fp32 to OUT/fp32 and quantize each other precision to OUT/<precision>."""
     from llmtrt.exporter.config import resolve_model
-    from llmtrt.exporter.onnx_export import export
-    from llmtrt.pipelines.artifacts import write_export_manifest
+    from llmtrt.pipelines.artifacts import export_artifact
 
     if not precisions:
         raise LlmtrtUserError("--precisions: empty; e.g. --precisions fp32,fp16,int8-wo")
@@ -132,8 +131,7 @@ def _build(model_spec: str, precisions: list[str], calib_text: str | None, out: 
     quantize, options = _precision_step(others, calib_text, quiet)
     source = resolve_model(model_spec)
     say(f"exporting {source.config.name} to {out / 'fp32'}")
-    exported = export(source, out / "fp32")
-    write_export_manifest(exported, model_spec)
+    export_artifact(source, out / "fp32")
     built = {"fp32": str(out / "fp32")}
     for precision in others:
         say(f"quantizing to {precision} in {out / precision}")

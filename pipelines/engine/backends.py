@@ -98,6 +98,17 @@ class Backend:
             config.set_compute_capability(getattr(trt.ComputeCapability, enum_name), i)
         return names
 
+    def check_target_cc(self, target_cc: Sequence[str]) -> list[str]:
+        """The enum names ``target_cc`` maps to, or a user error, without building anything."""
+        if not target_cc:
+            return []
+        if not self.supports_target_cc:
+            raise LlmtrtUserError(
+                f"--target-cc needs TensorRT-RTX (pip install 'llmtrt[rtx]'); backend {self.name!r} "
+                "builds for the GPU it runs on. Drop --target-cc or use --backend tensorrt-rtx")
+        trt = self.module()
+        return [normalize_cc(cc, trt) for cc in target_cc]
+
     def logger(self) -> Any:
         """The process-wide capturing logger (TensorRT keeps the first logger it is given and
         ignores later ones: "The logger passed into createInferBuilder differs from one already

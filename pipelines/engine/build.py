@@ -26,17 +26,16 @@ from typing import Any
 
 import onnx
 
-from llmtrt.pipelines.artifacts import onnx_sha256, peak_rss_bytes, write_bytes_atomically
+from llmtrt.exporter.files import artifact_dir, check_out_dir, write_bytes_atomically
+from llmtrt.exporter.kv_cache import get_layout
+from llmtrt.pipelines.artifacts import onnx_sha256, peak_rss_bytes
 from llmtrt.pipelines.engine.backends import Backend, get_backend
 from llmtrt.pipelines.engine.lowering import custom_nodes
 from llmtrt.pipelines.engine.profiles import (
     Profile,
-    decode_profile,
     graph_input_dims,
     max_positions_from_model,
-    prefill_profile,
     profile_shapes,
-    static_profiles,
     validate_profiles,
 )
 from llmtrt.pipelines.errors import LlmtrtUserError
@@ -353,7 +352,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
         "onnx": str(onnx_path),
         "onnx_sha256": built_sha256,
         **({"onnx": source["onnx"], "onnx_sha256": source["onnx_sha256"],
-            "built_onnx": {"path": str(onnx_path), "sha256": built_sha256}} if source else {}),
+            "built_onnx": {"path": onnx_path.name, "sha256": built_sha256}} if source else {}),
         "builder": {"opt_level": opt_level, "workspace_mb": workspace_mb, "timing_cache": cache_note,
                     "plugins": [str(p) for p in plugin_paths], "plugin_override": override,
                     "python_plugins": _python_plugin_manifest(model)},
@@ -457,15 +456,14 @@ def export_profiles(kv_cache: str, max_positions: int, *, max_batch: int = 1, ma
     to ``max_kv`` cached tokens (default max_positions - 1). Static cache: ``max_kv`` is the fixed
     cache length (default max_positions).
     """
-    static = kv_cache == "static"
-    kv = max_kv if max_kv is not None else (max_positions if static else max_positions - 1)
-    prompt = max_prompt if max_prompt is not None else min(DEFAULT_MAX_PROMPT, kv if static else max_positions)
+    layout = get_layout(kv_cache)
+    fixed = layout.fixed_capacity
+    kv = max_kv if max_kv is not None else (max_positions if fixed else max_positions - 1)
+    prompt = max_prompt if max_prompt is not None else min(DEFAULT_MAX_PROMPT, kv if fixed else max_positions)
     for flag, value in (("--max-batch", max_batch), ("--max-prompt", prompt), ("--max-kv", kv)):
         if value < 1:
             raise LlmtrtUserError(f"{flag} must be >= 1, got {value}")
-    if static:
-        return static_profiles(max_batch, prompt, kv)
-    return prefill_profile(max_batch, prompt), decode_profile(max_batch, kv)
+    return layout.default_profiles(max_batch, prompt, kv)
 
 
 def _other_lowerings(mode: str, dialect: str) -> str:
@@ -495,12 +493,14 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
 
     say = progress or (lambda _msg: None)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    raw = read_manifest(export_dir)
-    exported = load_exported(export_dir)
     if lower not in LOWERINGS:
         raise LlmtrtUserError(f"unknown --lower {lower!r}; choose one of {', '.join(LOWERINGS)}")
-    precision = precision or raw.get("precision") or "fp32"
     be = backend if isinstance(backend, Backend) else get_backend(backend)
+    be.check_target_cc(target_cc)  # flags first: before any hashing or loading
+    check_out_dir(out_dir)
+    raw = read_manifest(export_dir)
+    exported = load_exported(export_dir, raw)
+    precision = precision or raw.get("precision") or "fp32"
     say(f"checking {exported.onnx_path} against {MANIFEST}")
     digest = onnx_sha256(exported.onnx_path)
     if digest != raw.get("onnx_sha256"):
@@ -513,38 +513,39 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
     if profiles is None:
         profiles = export_profiles(exported.kv_cache, max_positions, max_batch=max_batch, max_prompt=max_prompt,
                                    max_kv=max_kv)
-    kinds = {"static" if p.static else "dynamic" for p in profiles}
+    kinds = {p.layout for p in profiles}
     if kinds != {exported.kv_cache}:
         raise LlmtrtUserError(f"{export_dir / MANIFEST} says kv_cache {exported.kv_cache!r}, but the profiles are "
                               f"for a {'/'.join(sorted(kinds))} cache; "
-                              + ("give max_cache_length in --profiles" if exported.kv_cache == "static"
+                              + ("give max_cache_length in --profiles" if get_layout(exported.kv_cache).fixed_capacity
                                  else "use past ranges, not max_cache_length, in --profiles"))
     validate_profiles(profiles, max_positions)
-    dims = {"max_cache_length": profiles[0].cache} if exported.kv_cache == "static" else {}
+    dims = {"max_cache_length": profiles[0].cache} if get_layout(exported.kv_cache).fixed_capacity else {}
 
-    lowered = out_dir / f"model.{lower}.onnx"
-    say(f"lowering {exported.dialect} ops with --lower {lower} -> {lowered}"
-        + (f" (static cache of {dims['max_cache_length']} slots)" if dims else ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_lower = time.perf_counter()
-    lower_file(exported.onnx_path, lowered, lower, supported=be.supports_operator, dims=dims)
-    lower_seconds = time.perf_counter() - t_lower
-    extra = {
-        "export": {"dir": str(export_dir.resolve()), "model_source": raw.get("model_source"),
-                   "config_name": exported.config.name, "dialect": exported.dialect, "opset": exported.opset,
-                   "kv_cache": exported.kv_cache, "precision": raw.get("precision", "fp32"),
-                   "onnx_sha256": raw["onnx_sha256"]},
-        "kv_cache": exported.kv_cache,
-        "lowering": {"mode": lower, "onnx": lowered.name, "pinned_dims": dims, "seconds": round(lower_seconds, 3)},
-        "max_positions": max_positions,
-    }
-    try:
-        return build_engine(lowered, out_dir, precision=precision, backend=be, target_cc=target_cc,
-                            profiles=profiles, opt_level=opt_level, workspace_mb=workspace_mb,
-                            timing_cache=timing_cache, plugins=plugins, max_positions=max_positions,
-                            source={"onnx": str(exported.onnx_path.resolve()), "onnx_sha256": digest},
-                            extra=extra, progress=say)
-    except UnsupportedNodesError as exc:
-        if not any(f.op_type for f in exc.failures):
-            raise
-        raise UnsupportedNodesError(lowered.name, exc.failures, _other_lowerings(lower, exported.dialect)) from None
+    with artifact_dir(out_dir) as tmp:
+        lowered = tmp / f"model.{lower}.onnx"
+        say(f"lowering {exported.dialect} ops with --lower {lower} -> {out_dir / lowered.name}"
+            + (f" (static cache of {dims['max_cache_length']} slots)" if dims else ""))
+        t_lower = time.perf_counter()
+        lower_file(exported.onnx_path, lowered, lower, supported=be.supports_operator, dims=dims)
+        lower_seconds = time.perf_counter() - t_lower
+        extra = {
+            "export": {"dir": str(export_dir.resolve()), "model_source": raw.get("model_source"),
+                       "config_name": exported.config.name, "dialect": exported.dialect, "opset": exported.opset,
+                       "kv_cache": exported.kv_cache, "precision": raw.get("precision", "fp32"),
+                       "onnx_sha256": raw["onnx_sha256"]},
+            "kv_cache": exported.kv_cache,
+            "lowering": {"mode": lower, "onnx": lowered.name, "pinned_dims": dims, "seconds": round(lower_seconds, 3)},
+            "max_positions": max_positions,
+        }
+        try:
+            result = build_engine(lowered, tmp, precision=precision, backend=be, target_cc=target_cc,
+                                  profiles=profiles, opt_level=opt_level, workspace_mb=workspace_mb,
+                                  timing_cache=timing_cache, plugins=plugins, max_positions=max_positions,
+                                  source={"onnx": str(exported.onnx_path.resolve()), "onnx_sha256": digest},
+                                  extra=extra, progress=say)
+        except UnsupportedNodesError as exc:
+            if not any(f.op_type for f in exc.failures):
+                raise
+            raise UnsupportedNodesError(lowered.name, exc.failures, _other_lowerings(lower, exported.dialect)) from None
+    return BuildResult(out_dir / result.plan_path.name, out_dir / result.manifest_path.name, result.manifest)

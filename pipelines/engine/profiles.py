@@ -15,11 +15,11 @@ Concat with an empty past tensor included (measured on TensorRT-RTX 1.7).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
 
+from llmtrt.exporter.kv_cache import Profile, Range, get_layout
 from llmtrt.pipelines.errors import LlmtrtUserError
 
 # Symbolic dim names (ONNX Runtime GenAI spelling first) -> profile quantity.
@@ -32,59 +32,6 @@ DIM_ALIASES: dict[str, str] = {
 }
 
 Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Range:
-    """min <= opt <= max for one dimension."""
-
-    min: int
-    opt: int
-    max: int
-
-    def as_tuple(self) -> tuple[int, int, int]:
-        return (self.min, self.opt, self.max)
-
-    def __add__(self, other: Range) -> Range:
-        return Range(self.min + other.min, self.opt + other.opt, self.max + other.max)
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One optimization profile: ranges for batch and new tokens (seq), plus either cached tokens
-    (``past``, growing cache) or the fixed cache length (``cache``, static cache)."""
-
-    name: str
-    batch: Range
-    seq: Range
-    past: Range | None = None
-    cache: int | None = None
-
-    def __post_init__(self) -> None:
-        if (self.past is None) == (self.cache is None):
-            raise ValueError(f"profile {self.name!r}: give exactly one of past (dynamic cache) or cache (static)")
-
-    @property
-    def static(self) -> bool:
-        return self.cache is not None
-
-    @property
-    def total(self) -> Range:
-        """Tokens the attention mask spans: past + seq, or the whole fixed cache."""
-        if self.cache is not None:
-            return Range(self.cache, self.cache, self.cache)
-        return self.past + self.seq
-
-    def ranges(self) -> dict[str, Range]:
-        if self.cache is not None:
-            return {"batch": self.batch, "seq": self.seq, "cache": self.total}
-        return {"batch": self.batch, "seq": self.seq, "past": self.past, "total": self.total}
-
-    def to_dict(self) -> dict:
-        if self.cache is not None:
-            return {"name": self.name, "kv_cache": "static", "batch": asdict(self.batch), "seq": asdict(self.seq),
-                    "max_cache_length": self.cache}
-        return {"name": self.name, "kv_cache": "dynamic", **{k: asdict(v) for k, v in self.ranges().items()}}
 
 
 def prefill_profile(max_batch: int, max_prompt: int, *, opt_batch: int | None = None,
@@ -112,10 +59,8 @@ def static_profiles(max_batch: int, max_prompt: int, cache_length: int, *, opt_b
 def default_profiles(max_batch: int, max_prompt: int, max_positions: int,
                      kv_cache: str = "dynamic") -> tuple[Profile, Profile]:
     """(prefill, decode) covering every context up to ``max_positions`` tokens."""
-    if kv_cache == "static":
-        return static_profiles(max_batch, max_prompt, max_positions)
-    return (prefill_profile(max_batch, max_prompt),
-            decode_profile(max_batch, max_positions - 1))
+    layout = get_layout(kv_cache)
+    return layout.default_profiles(max_batch, max_prompt, max_positions if layout.fixed_capacity else max_positions - 1)
 
 
 def validate_profile(profile: Profile, max_positions: int | None = None) -> None:
@@ -167,7 +112,7 @@ def validate_profiles(profiles: Sequence[Profile], max_positions: int | None = N
     if len(caches) > 1:
         raise LlmtrtUserError(
             "every profile must use the same cache: " + ", ".join(
-                f"{p.name}: " + (f"static max_cache_length {p.cache}" if p.static else "dynamic past")
+                f"{p.name}: " + (f"static max_cache_length {p.cache}" if p.cache is not None else "dynamic past")
                 for p in profiles))
     for profile in profiles:
         validate_profile(profile, max_positions)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmtrt.pipelines.artifacts import sha256_file, write_json_atomically
+from llmtrt.exporter.files import sha256_file, write_json_atomically
 
 if TYPE_CHECKING:
     from llmtrt.pipelines.pipeline.plan import PipelineConfig, Stage
@@ -50,13 +50,12 @@ def _dir_bytes(directory: Path, pattern: str = "*") -> int:
 def export(stage: Stage) -> dict[str, Any]:
     from llmtrt.exporter.config import resolve_model
     from llmtrt.exporter.onnx_export import ExportOptions
-    from llmtrt.exporter.onnx_export import export as run_export
-    from llmtrt.pipelines.artifacts import write_export_manifest
+    from llmtrt.pipelines.artifacts import MANIFEST, export_artifact
 
     o = stage.options
     options = ExportOptions(dialect=o["dialect"], kv_cache=o["kv_cache"], max_positions=o["max_seq"])
-    exported = run_export(resolve_model(o["model"], seed=o["seed"]), stage.out_dir, options)
-    manifest = write_export_manifest(exported, o["model"], extra={"seed": o["seed"]})
+    exported = export_artifact(resolve_model(o["model"], seed=o["seed"]), stage.out_dir, options)
+    manifest = exported.onnx_path.parent / MANIFEST
     return {"onnx": str(exported.onnx_path), "manifest": str(manifest), "opset": exported.opset,
             "bytes": _dir_bytes(stage.out_dir, "model.onnx*"), **exported.stats}
 

@@ -19,7 +19,6 @@ it is reused only when all of them match, and rewritten (atomically) otherwise.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -240,7 +239,7 @@ def collect(onnx_path: Path, windows: np.ndarray, linear_inputs: list[str], prog
 # --------------------------------------------------------------------------------------------
 def cache_key(source_onnx_sha256: str, text_path: Path, tokenizer_name: str, windows: np.ndarray,
               linear_inputs: list[str]) -> dict[str, Any]:
-    from llmtrt.pipelines.artifacts import sha256_file
+    from llmtrt.exporter.files import sha256_file
 
     return {"source_onnx_sha256": source_onnx_sha256, "calib_text": str(text_path),
             "calib_text_sha256": sha256_file(text_path), "tokenizer": tokenizer_name,
@@ -255,7 +254,7 @@ _KEY_FIELDS = ("source_onnx_sha256", "calib_text_sha256", "tokenizer", "samples"
 
 def load_cache(out_dir: Path, key: dict[str, Any]) -> CalibrationStats | None:
     """The cached statistics if calibration_cache.json matches ``key`` (and its rows file its hash)."""
-    from llmtrt.pipelines.artifacts import sha256_file
+    from llmtrt.exporter.files import sha256_file
 
     path, rows_path = out_dir / CACHE_FILE, out_dir / ROWS_FILE
     if not path.is_file() or not rows_path.is_file():
@@ -279,19 +278,10 @@ def load_cache(out_dir: Path, key: dict[str, Any]) -> CalibrationStats | None:
 
 
 def save_cache(out_dir: Path, key: dict[str, Any], stats: CalibrationStats, linear_inputs: list[str]) -> None:
-    from llmtrt.pipelines.artifacts import sha256_file, write_json_atomically
+    from llmtrt.exporter.files import atomic_file, sha256_file, write_json_atomically
 
-    buf = io.BytesIO()
-    np.savez(buf, **{f"rows{i}": stats.rows[name] for i, name in enumerate(linear_inputs)})
-    fd, tmp = tempfile.mkstemp(prefix=f".{ROWS_FILE}.", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_dir / ROWS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out_dir / ROWS_FILE, suffix=".npz") as tmp:
+        np.savez(tmp, **{f"rows{i}": stats.rows[name] for i, name in enumerate(linear_inputs)})
     count = stats.windows * stats.seq_len
     payload = {
         "schema_version": CACHE_SCHEMA, **key,

@@ -29,8 +29,6 @@ The lm_head is tied to the embedding in the models this project ships and is kep
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -722,32 +720,19 @@ def raise_opset(model, target: int) -> int:
     return target
 
 
-def _write_onnx_atomically(model, out_dir: Path, name: str = "model.onnx") -> Path:
-    """Write model.onnx (+ model.onnx.data past 1 GiB of weights) via a temporary directory and renames."""
+def _write_onnx(model, out_dir: Path, name: str = "model.onnx") -> Path:
+    """Write model.onnx (+ model.onnx.data past 1 GiB of weights) into the fresh directory ``out_dir``."""
     import onnx
 
-    tmp = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_dir))
-    try:
-        large = sum(len(t.raw_data) for t in model.graph.initializer) > _EXTERNAL_DATA_THRESHOLD
-        path = tmp / name
-        if large:
-            onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=f"{name}.data", size_threshold=1024)
-        else:
-            onnx.save(model, str(path))
-        onnx.checker.check_model(str(path))  # from the file: a proto over 2 GB cannot be checked in memory
-        for f in sorted(tmp.iterdir()):
-            os.chmod(f, 0o644)
-        stale = out_dir / f"{name}.data"
-        if not large and stale.exists():
-            stale.unlink()
-        for f in sorted(tmp.iterdir(), key=lambda p: p.name != f"{name}.data"):  # data first, then the graph
-            os.replace(f, out_dir / f.name)
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-    return out_dir / name
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > _EXTERNAL_DATA_THRESHOLD
+    path = out_dir / name
+    if large:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{name}.data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))  # from the file: a proto over 2 GB cannot be checked in memory
+    return path
 
 
 def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
@@ -757,10 +742,10 @@ def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
     Returns ``out_dir``. Calibrated precisions also leave calibration_cache.json (+ rows) in it, reused
     next time when the source graph, text, tokenizer, samples and sequence length are unchanged.
     """
-    import onnx
-
+    from llmtrt.exporter.files import artifact_dir, check_out_dir
     from llmtrt.pipelines.artifacts import load_exported as load
-    from llmtrt.pipelines.artifacts import onnx_sha256, read_manifest, write_export_manifest
+    from llmtrt.pipelines.artifacts import onnx_sha256, read_manifest
+    from llmtrt.pipelines.precision.calibration import CACHE_FILE, ROWS_FILE
 
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
@@ -779,11 +764,19 @@ def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
     exported = load(src_dir)
     if out_dir.resolve() == src_dir.resolve():
         raise LlmtrtUserError(f"--out {out_dir}: is the export directory itself; give a new directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LlmtrtUserError(f"--out {out_dir}: cannot create it ({exc.strerror})") from None
+    check_out_dir(out_dir)
     source_sha = raw.get("onnx_sha256") or onnx_sha256(exported.onnx_path)
+    with artifact_dir(out_dir, carry=(CACHE_FILE, ROWS_FILE)) as tmp:
+        _quantize_into(tmp, exported, raw, entry, options, source_sha, t0)
+    return out_dir
+
+
+def _quantize_into(out_dir: Path, exported, raw: dict[str, Any], entry: Precision, options: PrecisionOptions,
+                   source_sha: str, t0: float) -> None:
+    import onnx
+
+    from llmtrt.exporter.kv_cache import get_layout
+    from llmtrt.pipelines.artifacts import write_export_manifest
 
     # Calibrate first, from the graph alone (ONNX Runtime reads the weights itself), so the weights
     # are held once at a time: by the calibration session, then by the rewrite.
@@ -795,7 +788,7 @@ def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
         text = Path(options.calib_text) if options.calib_text else DEFAULT_CALIB_TEXT
         scout = Rewrite(onnx.load(str(exported.onnx_path), load_external_data=False), options)
         linear_inputs = list(dict.fromkeys(lin.node.input[0] for lin in scout.linears()))
-        stats = calibrate(exported.onnx_path, source_sha, out_dir, text, load_tokenizer(src_dir),
+        stats = calibrate(exported.onnx_path, source_sha, out_dir, text, load_tokenizer(exported.onnx_path.parent),
                           options.calib_samples, options.calib_seq_len, linear_inputs, progress=options.progress)
         calibration = {**stats.summary(), "observer": options.observer or entry.observer or "max"}
     model = onnx.load(str(exported.onnx_path))
@@ -805,27 +798,23 @@ def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
         entry.apply(rw)
     finally:
         rw.flush()
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest describing a graph being replaced
-    path = _write_onnx_atomically(model, out_dir)
+    path = _write_onnx(model, out_dir)
 
-    from llmtrt.exporter.iospec import io_spec
-
-    half = precision in ("fp16", "bf16") and options.kv_cache_io == "half"
-    io = io_spec(exported.config, exported.kv_cache, cache_dtype={"fp16": "float16", "bf16": "bfloat16"}[precision]
-                 if half else "float32") if half else exported.io
+    half = entry.name in ("fp16", "bf16") and options.kv_cache_io == "half"
+    io = get_layout(exported.kv_cache).io_spec(
+        exported.config, cache_dtype={"fp16": "float16", "bf16": "bfloat16"}[entry.name]) if half else exported.io
     stats = {"quantize_seconds": round(time.perf_counter() - t0, 3), "source_stats": exported.stats}
     result = dataclasses.replace(exported, onnx_path=path, opset=opset, io=io, stats=stats)
-    write_export_manifest(result, raw.get("model_source", str(src_dir)), extra={
-        "precision": precision,
+    write_export_manifest(result, raw, extra={
+        "precision": entry.name,
         "engine_precision": entry.engine_precision,
-        "source_onnx": str(exported.onnx_path),
+        "source_onnx": str(exported.onnx_path.resolve()),
         "source_onnx_sha256": source_sha,
         "precision_options": _options_dict(options),
         "calibration": calibration,
         "fp32_kept": rw.fp32_kept,
         "precision_details": _jsonable(rw.details),
     })
-    return out_dir
 
 
 def _options_dict(options: PrecisionOptions) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def _from_manifest(directory: Path) -> Tokenizer:
     from llmtrt.exporter.config import resolve_model
     from llmtrt.pipelines.artifacts import read_manifest
 
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, required={"config": dict})
     spec = manifest.get("model_source")
     vocab = manifest.get("config", {}).get("vocab_size")
     if spec:

@@ -12,7 +12,7 @@ from llmtrt.exporter.config import resolve_model
 from llmtrt.exporter.errors import LlmtrtUserError
 from llmtrt.exporter.onnx_export import ExportOptions, export, export_model
 from llmtrt.exporter.weights import load_model
-from llmtrt.pipelines.artifacts import load_exported, write_export_manifest
+from llmtrt.pipelines.artifacts import export_artifact, load_exported, write_export_manifest
 from llmtrt.pipelines.runtime.decoding import (
     Batch,
     empty_cache,
@@ -94,7 +94,9 @@ def test_graph_io_ops_and_functions(exported):
 
 
 def test_manifest_round_trip(exported):
-    path = write_export_manifest(exported, "tiny")
+    from llmtrt.exporter.config import resolve_model
+
+    path = write_export_manifest(exported, resolve_model("tiny"))
     raw = json.loads(path.read_text())
     assert raw["dialect"] == exported.dialect and len(raw["onnx_sha256"]) == 64
     assert "torch" in raw["versions"] and "onnx" in raw["versions"]
@@ -127,24 +129,39 @@ def test_hf_checkpoint_export_matches(hf_checkpoint, tmp_path):
 
 
 def test_bad_opset_and_unwritable_out(tmp_path, tiny_model):
+    from llmtrt.exporter.config import resolve_model
+
     with pytest.raises(LlmtrtUserError, match="needs opset >= 23"):
         export_model(tiny_model, tmp_path, ExportOptions(dialect="standard", opset=18))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(LlmtrtUserError, match="cannot create the directory"):
-        export_model(tiny_model, blocker / "sub", ExportOptions())
+    with pytest.raises(LlmtrtUserError, match="cannot create"):
+        export_artifact(resolve_model("tiny"), blocker / "sub", ExportOptions())
 
 
-def test_failed_export_leaves_no_model_behind(tmp_path, tiny_model, monkeypatch):
+def test_failed_export_leaves_the_previous_artifact(tmp_path, monkeypatch):
+    """A crash while writing leaves --out exactly as it was: absent, then the previous complete export."""
     import llmtrt.exporter.onnx_export as onnx_export
+    from llmtrt.exporter.config import resolve_model
+
+    out = tmp_path / "out"
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash while saving")
 
-    monkeypatch.setattr(onnx_export.onnx, "save_model", boom)
-    with pytest.raises(RuntimeError):
-        export_model(tiny_model, tmp_path, ExportOptions())
-    assert list(tmp_path.iterdir()) == []
+    with monkeypatch.context() as m:
+        m.setattr(onnx_export.onnx, "save_model", boom)
+        with pytest.raises(RuntimeError):
+            export_artifact(resolve_model("tiny"), out, ExportOptions())
+    assert list(tmp_path.iterdir()) == []  # no --out, no partial sibling
+    export_artifact(resolve_model("tiny"), out, ExportOptions())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(onnx_export.onnx, "save_model", boom)
+        with pytest.raises(RuntimeError):
+            export_artifact(resolve_model("tiny"), out, ExportOptions(dialect="standard"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)

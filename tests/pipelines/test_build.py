@@ -449,7 +449,7 @@ def test_interrupted_write_leaves_no_valid_looking_plan(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the process dies while the new plan is being moved in
         real_replace(src, dst)
 
-    monkeypatch.setattr(artifacts.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         build.build_engine(onnx_path, out, precision="fp32", backend="tensorrt-rtx", profiles=PROFILES)
     assert not first.manifest_path.exists()  # the old plan is no longer vouched for

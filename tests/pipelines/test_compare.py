@@ -200,11 +200,10 @@ def test_eval_text_errors(tmp_path):
 @pytest.fixture(scope="module")
 def fp32_dir(tmp_path_factory):
     from llmtrt.exporter.config import resolve_model
-    from llmtrt.exporter.onnx_export import export
-    from llmtrt.pipelines.artifacts import write_export_manifest
+    from llmtrt.pipelines.artifacts import export_artifact
 
     out = tmp_path_factory.mktemp("compare") / "fp32"
-    write_export_manifest(export(resolve_model("bytes-llama"), out), "bytes-llama")
+    export_artifact(resolve_model("bytes-llama"), out)
     return out
 
 
@@ -362,11 +361,10 @@ def test_reports_are_replaced_whole(artifacts, tmp_path):
 
 def test_static_kv_cache_artifact_runs_and_matches_pytorch(tmp_path, fp32_dir):
     from llmtrt.exporter.config import resolve_model
-    from llmtrt.exporter.onnx_export import ExportOptions, export
-    from llmtrt.pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.pipelines.artifacts import export_artifact
 
-    exported = export(resolve_model("tiny"), tmp_path, ExportOptions(kv_cache="static", max_positions=64))
-    write_export_manifest(exported, "tiny")
+    export_artifact(resolve_model("tiny"), tmp_path, ExportOptions(kv_cache="static", max_positions=64))
     tokens = read_eval_tokens(EVAL, ByteTokenizer(), max_tokens=200)
     m = evaluate(tmp_path, tokens, seq_len=32, reference=pytorch_runner("tiny", max_positions=64))
     assert m.tokens == 200 - 7  # 6 full windows of 32 and a tail of 8

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from llmtrt.exporter.config import resolve_model
 from llmtrt.exporter.errors import LlmtrtUserError
-from llmtrt.exporter.onnx_export import ExportOptions, export
-from llmtrt.pipelines.artifacts import write_export_manifest
+from llmtrt.exporter.onnx_export import ExportOptions
+from llmtrt.pipelines.artifacts import export_artifact
 from llmtrt.pipelines.cli import main
 from llmtrt.pipelines.runtime.generate import (
     Sampling,
@@ -50,8 +50,7 @@ def artifacts(tmp_path_factory):
     for name, options in {"custom": ExportOptions(dialect="custom"),
                           "static": ExportOptions(dialect="standard", kv_cache="static",
                                                   max_positions=STATIC_MAX_SEQ)}.items():
-        exported = export(source, root / name, options)
-        write_export_manifest(exported, "bytes-llama")
+        export_artifact(source, root / name, options)
         dirs[name] = root / name
     return dirs
 

@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from llmtrt.exporter.errors import LlmtrtUserError
-from llmtrt.pipelines.artifacts import read_manifest, sha256_file
+from llmtrt.exporter.files import sha256_file
+from llmtrt.pipelines.artifacts import read_manifest
 from llmtrt.pipelines.precision.quantize import (
     PRECISIONS,
     PrecisionOptions,
@@ -35,11 +36,10 @@ QUIET = PrecisionOptions(progress=False)
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
     from llmtrt.exporter.config import resolve_model
-    from llmtrt.exporter.onnx_export import export
-    from llmtrt.pipelines.artifacts import write_export_manifest
+    from llmtrt.pipelines.artifacts import export_artifact
 
     out = tmp_path_factory.mktemp("bytes-llama") / "fp32"
-    write_export_manifest(export(resolve_model("bytes-llama"), out), "bytes-llama")
+    export_artifact(resolve_model("bytes-llama"), out)
     return out
 
 
@@ -157,11 +157,11 @@ def test_bf16_graph_is_well_typed(artifacts):
 @pytest.mark.parametrize("dialect", ["standard", "decomposed"])
 def test_other_dialects_fp16_and_int4(dialect, tmp_path):
     from llmtrt.exporter.config import resolve_model
-    from llmtrt.exporter.onnx_export import ExportOptions, export
-    from llmtrt.pipelines.artifacts import write_export_manifest
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.pipelines.artifacts import export_artifact
 
     src = tmp_path / "fp32"
-    write_export_manifest(export(resolve_model("bytes-llama"), src, ExportOptions(dialect=dialect)), "bytes-llama")
+    export_artifact(resolve_model("bytes-llama"), src, ExportOptions(dialect=dialect))
     ref, _ = perplexity(src, 4 * 256)
     for precision, limit in (("fp16", 0.001), ("int4-rtn", 0.05)):
         ppl, _ = perplexity(quantize(src, tmp_path / precision, precision, QUIET), 4 * 256)

@@ -16,8 +16,8 @@ from onnx import numpy_helper
 
 from llmtrt.exporter.config import resolve_model
 from llmtrt.exporter.errors import LlmtrtUserError
-from llmtrt.exporter.onnx_export import ExportOptions, export
-from llmtrt.pipelines.artifacts import write_export_manifest
+from llmtrt.exporter.onnx_export import ExportOptions
+from llmtrt.pipelines.artifacts import export_artifact
 from llmtrt.pipelines.checks.validate import DEFAULT_TOLERANCES, ValidateOptions, load_tolerances, validate
 from llmtrt.pipelines.cli import main
 
@@ -34,7 +34,7 @@ def exports(tmp_path_factory):
                 "decomposed": ExportOptions(dialect="decomposed", max_positions=64),
                 "static": ExportOptions(dialect="standard", kv_cache="static", max_positions=64)}
     for name, options in variants.items():
-        write_export_manifest(export(source, root / name, options), "tiny")
+        export_artifact(source, root / name, options)
     return {name: root / name for name in variants}
 
 
