@@ -19,7 +19,6 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from llmtrt.pipelines import artifacts
 from llmtrt.pipelines.artifacts import onnx_sha256
 from llmtrt.pipelines.engine import backends, build, lowering
 from llmtrt.pipelines.engine.profiles import (
