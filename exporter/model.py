@@ -51,6 +51,13 @@ def rope_tables(config: ModelConfig, max_positions: int | None = None) -> tuple[
     return angles.cos(), angles.sin()
 
 
+# Additive mask value of hidden positions: finite and representable in fp16 and bf16 (finfo(float32).min
+# rounds to -inf in bf16, and a fully masked query row, e.g. left padding, then gives NaN), with headroom
+# so that adding it to a score stays finite in fp16. exp(-30000 - max) is exactly 0 in fp32, so rows that
+# see at least one key are unchanged; a fully masked row attends to every key alike (finite, ignored).
+MASK_VALUE = -30000.0
+
+
 def causal_mask(attention_mask: Tensor, seq_len: int, dtype: torch.dtype) -> Tensor:
     """Additive mask [batch, 1, seq, past + seq]: query i sees key j when j <= past + i and j is not padding."""
     total = attention_mask.shape[1]
@@ -58,7 +65,7 @@ def causal_mask(attention_mask: Tensor, seq_len: int, dtype: torch.dtype) -> Ten
     query_pos = torch.arange(seq_len, device=attention_mask.device) + past
     key_pos = torch.arange(total, device=attention_mask.device)
     allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
-    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+    return torch.where(allowed, 0.0, MASK_VALUE).to(dtype)
 
 
 def static_causal_mask(attention_mask: Tensor, write_indices: Tensor, seq_len: int, dtype: torch.dtype) -> Tensor:
@@ -68,7 +75,7 @@ def static_causal_mask(attention_mask: Tensor, write_indices: Tensor, seq_len: i
     query_slot = write_indices[:, None] + torch.arange(seq_len, device=attention_mask.device)  # [batch, seq]
     key_slot = torch.arange(max_len, device=attention_mask.device)
     allowed = (key_slot[None, None, :] <= query_slot[:, :, None])[:, None] & attention_mask[:, None, None, :].bool()
-    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+    return torch.where(allowed, 0.0, MASK_VALUE).to(dtype)
 
 
 class RMSNorm(nn.Module):
