@@ -20,15 +20,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.run import (
-    THREADS,
-    bench_python,
-    empty_cache,
-    ensure_checkpoint,
-    genai_build,
-    ort_step,
-    prompt_ids,
-)
+from benchmarks.common import THREADS, bench_python, ensure_checkpoint, genai_build, prompt_ids
 
 
 def summarize_trace(trace_path: str | Path, top: int = 12) -> dict:
@@ -57,20 +49,32 @@ def summarize_trace(trace_path: str | Path, top: int = 12) -> dict:
 
 
 def profile_ours(onnx_path: Path, config, out: Path, prompt_len: int, steps: int) -> Path:
+    """An ONNX Runtime profile of our graph's prefill + ``steps`` greedy decode steps (llmtrt's runner),
+    or of the builder's graph in plain ONNX Runtime when it has no position_ids (timing only)."""
     import numpy as np
     import onnxruntime as ort
 
+    from llmtrt.pipelines.runtime.runners import OnnxRuntimeRunner, ort_session
+
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
+    opts.inter_op_num_threads = 1
     opts.enable_profiling = True
     opts.profile_file_prefix = str(out / f"ort-{onnx_path.parent.parent.name}-{onnx_path.parent.name}")
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    step = ort_step(sess, config)
+    sess = ort_session(onnx_path, threads=THREADS, options=opts)
+    prompt = prompt_ids(config.vocab_size, prompt_len)
     if "position_ids" not in {i.name for i in sess.get_inputs()}:  # the builder's graph in plain ORT: timing only
         step = _builder_step(sess, config)
-    logits, past = step(prompt_ids(config.vocab_size, prompt_len), 0, empty_cache(config))
-    for k in range(steps):
-        logits, past = step(logits[:, -1:].argmax(-1).astype(np.int64), prompt_len + k, past)
+        shape = (1, config.num_key_value_heads, 0, config.head_dim)
+        logits, past = step(prompt, 0, [np.zeros(shape, np.float32) for _ in range(2 * config.num_hidden_layers)])
+        for k in range(steps):
+            logits, past = step(logits[:, -1:].argmax(-1).astype(np.int64), prompt_len + k, past)
+        return Path(sess.end_profiling())
+    with OnnxRuntimeRunner(onnx_path, config, session_factory=lambda: sess) as runner:
+        state = runner.new_cache(1, prompt_len + steps)
+        logits = runner.step(prompt, np.arange(prompt_len)[None], np.ones_like(prompt), state)
+        for k in range(steps):
+            token = logits[:, -1:].argmax(-1).astype(np.int64)
+            logits = runner.step(token, np.array([[prompt_len + k]]), np.ones_like(token), state)
     return Path(sess.end_profiling())
 
 

@@ -27,22 +27,20 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-THREADS = 2
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from benchmarks.common import (
+    THREADS,
+    bench_python,
+    ensure_checkpoint,
+    genai_build,
+    genai_decode,
+    median_time,
+)
+from benchmarks.decode import ort_decode, torch_eager_decode
 
 
 def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5, threads: int = 2) -> float:
@@ -55,7 +53,7 @@ def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5, threads: int = 2) -> 
     try:
         x = torch.ones(mib << 18, dtype=torch.float32)
         x.sum()  # first touch
-        seconds = _median_time(lambda: x.sum(), repeats)
+        seconds = median_time(lambda: x.sum(), repeats)
     finally:
         torch.set_num_threads(previous)
     return x.numel() * x.element_size() / seconds / 1e9
@@ -104,103 +102,6 @@ def measure_build(export_dir: Path, out: Path) -> dict:
 
 # --- decode ----------------------------------------------------------------------------------------
 
-def prompt_ids(vocab: int, n: int):
-    import numpy as np
-
-    return (np.arange(n, dtype=np.int64) * 7919 % vocab)[None]
-
-
-def empty_cache(config) -> list:
-    import numpy as np
-
-    shape = (1, config.num_key_value_heads, 0, config.head_dim)
-    return [np.zeros(shape, np.float32) for _ in range(2 * config.num_hidden_layers)]
-
-
-def ort_step(sess, config):
-    """step(ids, start, past) -> (logits, presents) for a session on our exported graph IO."""
-    import numpy as np
-
-    out_names = [o.name for o in sess.get_outputs()]
-
-    def step(ids, start, past):
-        n = ids.shape[1]
-        feeds = {"input_ids": ids, "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
-                 "attention_mask": np.ones((1, start + n), dtype=np.int64)}
-        for i in range(config.num_hidden_layers):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
-        outs = sess.run(out_names, feeds)
-        return outs[0], outs[1:]
-
-    return step
-
-
-def ort_decode(onnx_path: Path, config, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """Prefill latency and greedy decode tokens/s; ``_prefill_logits`` (last position) and ``_tokens`` (the
-    greedy continuation) are returned for agreement checks between graphs and dropped from the report."""
-    import numpy as np
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    step = ort_step(sess, config)
-    empty = empty_cache(config)
-    prompt = prompt_ids(config.vocab_size, prompt_len)
-    first_logits, _ = step(prompt, 0, empty)  # warm-up
-    prefill = _median_time(lambda: step(prompt, 0, empty), repeats)
-
-    tokens: list[int] = []
-
-    def decode():
-        tokens.clear()
-        logits, past = step(prompt, 0, empty)
-        t0 = time.perf_counter()
-        for k in range(new_tokens):
-            token = logits[:, -1:].argmax(-1).astype(np.int64)
-            tokens.append(int(token[0, 0]))
-            logits, past = step(token, prompt_len + k, past)
-        return time.perf_counter() - t0
-
-    seconds = statistics.median(decode() for _ in range(repeats))
-    result = {"prefill_ms": round(1000 * prefill, 2), "decode_tok_s": round(new_tokens / seconds, 2),
-              "_prefill_logits": first_logits[0, -1], "_tokens": list(tokens)}
-    return result
-
-
-def torch_eager_decode(checkpoint_dir: Path, config, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    import torch
-    from transformers import LlamaForCausalLM
-
-    torch.set_num_threads(THREADS)
-    model = LlamaForCausalLM.from_pretrained(str(checkpoint_dir), torch_dtype=torch.float32).eval()
-    prompt = torch.from_numpy(prompt_ids(config.vocab_size, prompt_len))
-
-    def prefill():
-        with torch.no_grad():
-            return model(prompt, use_cache=True)
-
-    first_logits = prefill().logits[0, -1].numpy()
-    prefill_s = _median_time(prefill, repeats)
-    tokens: list[int] = []
-
-    def decode():
-        tokens.clear()
-        out = prefill()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for _ in range(new_tokens):
-                token = out.logits[:, -1:].argmax(-1)
-                tokens.append(int(token[0, 0]))
-                out = model(token, past_key_values=out.past_key_values, use_cache=True)
-        return time.perf_counter() - t0
-
-    seconds = statistics.median(decode() for _ in range(repeats))
-    return {"prefill_ms": round(1000 * prefill_s, 2), "decode_tok_s": round(new_tokens / seconds, 2),
-            "_prefill_logits": first_logits, "_tokens": list(tokens)}
-
-
 def bytes_per_token(config, context: int) -> int:
     """fp32 bytes read to decode one token: every weight but the embedding table (one row is
     gathered), plus the K and V cache of ``context`` positions."""
@@ -211,63 +112,8 @@ def bytes_per_token(config, context: int) -> int:
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def ensure_checkpoint(work: Path, shape: str) -> Path:
-    from benchmarks.make_checkpoint import ensure_tokenizer, write_checkpoint
-
-    path = work / f"llama-{shape}"
-    if not (path / "model.safetensors").exists():
-        print(f"writing the {shape}-shaped checkpoint to {path} ...", flush=True)
-        write_checkpoint(path, shape)
-    ensure_tokenizer(path)  # checkpoints written before the tokenizer was added
-    return path
-
-
 GENAI_PRECISIONS = ("fp32", "int8", "int4")  # the builder's CPU precisions (-p ... -e cpu)
 OUR_QUANTIZED = ("int8-wo", "int4-awq")       # llmtrt.pipelines.precision.quantize.quantize() of our fp32 export
-
-
-def bench_python() -> Path:
-    return Path(__file__).resolve().parent.parent / ".venv-bench" / "bin" / "python"
-
-
-def genai_build(checkpoint: Path, out: Path, precision: str) -> dict:
-    """Run the onnxruntime-genai model builder (in .venv-bench) on an HF checkpoint directory: its wall
-    seconds and peak RSS (GNU time), or ``error`` with the last lines it printed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(bench_python()), "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
-           "-p", precision, "-e", "cpu", "-c", str(out.parent / "hf-cache")]
-    gnu_time = Path("/usr/bin/time")
-    if gnu_time.exists():
-        cmd = [str(gnu_time), "-f", "__rss_kb__ %M", *cmd]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=str(out.parent))
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0 or not (out / "model.onnx").exists():
-        tail = [line for line in proc.stderr.splitlines() if line.strip() and "__rss_kb__" not in line][-3:]
-        return {"error": f"builder -p {precision} exited {proc.returncode}: {' | '.join(tail)[-400:]}"}
-    row = {"export_seconds": round(seconds, 2)}
-    rss = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("__rss_kb__")]
-    if rss:
-        row["peak_rss_bytes"] = int(rss[-1]) * 1024
-    return row
-
-
-def genai_decode(model_dir: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """Prefill/decode of a builder graph in the onnxruntime-genai runtime (benchmarks.genai_decode in
-    .venv-bench). Not plain ONNX Runtime: the builder's graph shares past and present KV buffers
-    (past_present_share_buffer), and fed a growing cache without that sharing its decode steps go wrong
-    (greedy tokens diverge from PyTorch after the first one), while its own runtime matches PyTorch."""
-    import numpy as np
-
-    proc = subprocess.run([str(bench_python()), "-m", "benchmarks.genai_decode", str(model_dir), "--prompt",
-                           str(prompt_len), "--new", str(new_tokens), "--repeats", str(repeats), "--threads",
-                           str(THREADS)], capture_output=True, text=True, check=False,
-                          cwd=str(Path(__file__).resolve().parent.parent))
-    if proc.returncode != 0:
-        return {"error": f"benchmarks.genai_decode exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"prefill_ms": out["prefill_ms"], "decode_tok_s": out["decode_tok_s"], "_tokens": out["tokens"],
-            "_prefill_logits": np.asarray(out["prefill_logits_last"], dtype=np.float32)}
 
 
 def _genai_version() -> str | None:

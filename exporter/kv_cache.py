@@ -208,6 +208,12 @@ LAYOUTS: dict[str, KVLayout] = {
 }
 
 
+def layout_of_inputs(names: set[str] | list[str]) -> KVLayout:
+    """The layout a graph with these input names was exported with."""
+    names = set(names)
+    return max((lay for lay in LAYOUTS.values() if set(lay.extra_inputs) <= names), key=lambda lay: len(lay.extra_inputs))
+
+
 def get_layout(name: str, where: str = "--kv-cache") -> KVLayout:
     try:
         return LAYOUTS[name]

@@ -41,3 +41,21 @@ def hf_checkpoint(tmp_path):
         return make_hf_checkpoint(tmp_path / name, **kwargs)
 
     return make
+
+
+def run_torch(model, batch, decode=None, steps=0, layout="dynamic", capacity=None):
+    """Prefill + ``steps`` decode steps of a loaded PyTorch model (runtime/runners.py PyTorchRunner)."""
+    from llmtrt.pipelines.runtime.decoding import prefill_then_decode
+    from llmtrt.pipelines.runtime.runners import PyTorchRunner
+
+    with PyTorchRunner(model=model, layout=layout) as runner:
+        return prefill_then_decode(runner, batch, decode, steps, capacity)
+
+
+def run_ort(onnx_path, config, batch, decode=None, steps=0, layout="dynamic", capacity=None):
+    """The same through ONNX Runtime on an exported graph."""
+    from llmtrt.pipelines.runtime.decoding import prefill_then_decode
+    from llmtrt.pipelines.runtime.runners import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner(onnx_path, config, layout) as runner:
+        return prefill_then_decode(runner, batch, decode, steps, capacity)

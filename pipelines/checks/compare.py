@@ -16,8 +16,8 @@ side by side, so nothing but running sums is kept. Per precision:
 
 The reference is the fp32 ONNX artifact; the fp32 PyTorch model its manifest names is run on the
 same windows and must agree with it (``pytorch_reference`` in the thresholds file). Artifacts run
-through a runner chosen by the manifest's ``kind`` (:data:`RUNNERS`: ONNX Runtime on CPU for
-``onnx``); a TensorRT engine runner is one more entry.
+through the runner their manifest calls for (runtime/runners.py: ONNX Runtime for an ONNX directory,
+TensorRT for an engine directory).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ DEFAULT_THRESHOLDS = configs.path("compare_thresholds.yaml")
 DEFAULT_EVAL_TEXT = configs.path("text", "eval.txt")
 _LOGITS_BUDGET = 1 << 26  # logits elements per batch of windows (256 MiB fp32)
 
-Runner = Callable[[np.ndarray], np.ndarray]  # input_ids [batch, n] int64 -> logits [batch, n, vocab]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,118 +320,68 @@ def _batches(wins: list[np.ndarray], vocab: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # runners
 # --------------------------------------------------------------------------------------------
-def onnxruntime_runner(artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
-    """An ONNX artifact (any precision, dynamic or static KV cache) on ONNX Runtime's CPU provider."""
-    import onnxruntime as ort
-
-    from llmtrt.pipelines.runtime.decoding import (
-        empty_cache,
-        ort_static_stepper,
-        ort_stepper,
-        static_cache_adapter,
-    )
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # long runs; shared CPUs
-    try:
-        session = ort.InferenceSession(str(Path(artifact_dir) / manifest["onnx"]), options,
-                                       providers=["CPUExecutionProvider"])
-    except ort.capi.onnxruntime_pybind11_state.NotImplemented as exc:  # e.g. bf16 Add/MatMul on CPU
-        raise LlmtrtUserError(f"{artifact_dir}: ONNX Runtime's CPU provider cannot run this "
-                              f"{manifest.get('precision', '')} graph ({str(exc).split(':')[-1].strip()}); "
-                              "leave it out of --precisions, or compare it with a runner that has the kernels "
-                              "(TensorRT on a GPU)") from None
-    cfg = manifest["config"]
-    static = manifest.get("kv_cache", "dynamic") == "static"
-    past = next(i for i in session.get_inputs() if i.name.startswith("past_key_values."))
-    fixed = past.shape[2] if static and isinstance(past.shape[2], int) else None
+def _scorer(runner):
+    """input_ids [batch, n] -> logits [batch, n, vocab] from an empty cache, with an active runner."""
+    from llmtrt.pipelines.runtime.decoding import Batch, forward
 
     def run(input_ids: np.ndarray) -> np.ndarray:
-        batch, n = input_ids.shape
-        # a static cache is sized by the graph, or (dynamic max_cache_length) by the window
-        step = static_cache_adapter(ort_static_stepper(session), fixed or n) if static else ort_stepper(session)
-        positions = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n)).copy()
-        cache = empty_cache(cfg["num_hidden_layers"], batch, cfg["num_key_value_heads"], cfg["head_dim"])
-        logits, _ = step(input_ids, positions, np.ones((batch, n), dtype=np.int64), cache)
-        return np.asarray(logits, dtype=np.float32)
+        mask = np.ones_like(input_ids, dtype=np.int64)
+        positions = np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int64), input_ids.shape).copy()
+        return np.asarray(forward(runner, Batch(input_ids, mask, positions)), dtype=np.float32)
 
     return run
-
-
-def pytorch_runner(model_source: str, max_positions: int | None = None, seed: int = 0) -> Runner:
-    """The fp32 PyTorch reference (llmtrt.exporter.model.LlamaDecoder) for a preset or checkpoint directory."""
-    from llmtrt.exporter.config import resolve_model
-    from llmtrt.exporter.weights import load_model
-    from llmtrt.pipelines.runtime.decoding import empty_cache, torch_stepper
-
-    source = resolve_model(model_source, seed=seed)
-    step = torch_stepper(load_model(source, max_positions=max_positions))
-    cfg = source.config
-
-    def run(input_ids: np.ndarray) -> np.ndarray:
-        batch, n = input_ids.shape
-        positions = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n)).copy()
-        cache = empty_cache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim)
-        logits, _ = step(input_ids, positions, np.ones((batch, n), dtype=np.int64), cache)
-        return logits
-
-    return run
-
-
-# manifest "kind" -> runner factory(artifact_dir, manifest). A TensorRT engine runner ("tensorrt-engine", GPU machines) registers here.
-RUNNERS: dict[str, Callable[[Path, dict[str, Any]], Runner]] = {"onnx": onnxruntime_runner}
-
-
-def open_runner(artifact_dir: str | Path, manifest: dict[str, Any]) -> Runner:
-    kind = manifest.get("kind", "onnx")
-    if kind not in RUNNERS:
-        raise LlmtrtUserError(f"{artifact_dir}: artifact kind {kind!r} has no runner here "
-                              f"(available: {', '.join(RUNNERS)}); compare its ONNX artifact instead")
-    return RUNNERS[kind](Path(artifact_dir), manifest)
 
 
 # --------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------
-def evaluate_runners(runners: Mapping[str, Runner], tokens: np.ndarray, seq_len: int, vocab: int,
+def evaluate_runners(runners: Mapping[str, Any], tokens: np.ndarray, seq_len: int, vocab: int,
                      reference: str = REFERENCE, progress: Callable[[int, int], None] | None = None
                      ) -> dict[str, Totals]:
-    """Score every runner on the same windows; metrics against ``runners[reference]``."""
+    """Score every runner (runtime/runners.py, or a plain ``ids -> logits`` function) on the same windows;
+    metrics against ``runners[reference]``."""
+    from contextlib import ExitStack
+
+    from llmtrt.pipelines.runtime.runners import DecoderRunner
+
     if reference not in runners:
         raise LlmtrtUserError(f"no {reference} artifact to compare against; include {reference}")
     totals = {name: Totals() for name in runners}
     batches = _batches(windows(tokens, seq_len), vocab)
-    for done, ids in enumerate(batches, start=1):
-        targets = ids[:, 1:].reshape(-1)
-        logits = {}
-        for name, run in runners.items():
-            t0 = time.perf_counter()
-            out = run(ids)
-            totals[name].seconds += time.perf_counter() - t0
-            if out.shape != (*ids.shape, vocab):
-                raise RuntimeError(f"{name}: logits shape {out.shape}, expected {(*ids.shape, vocab)}")
-            logits[name] = out[:, :-1].reshape(-1, vocab)
-        for name in runners:
-            totals[name].add(logits[name], targets, logits[reference])
-        if progress is not None:
-            progress(done, len(batches))
+    with ExitStack() as stack:
+        scorers = {name: _scorer(stack.enter_context(r)) if isinstance(r, DecoderRunner) else r
+                   for name, r in runners.items()}
+        for done, ids in enumerate(batches, start=1):
+            targets = ids[:, 1:].reshape(-1)
+            logits = {}
+            for name, run in scorers.items():
+                t0 = time.perf_counter()
+                out = run(ids)
+                totals[name].seconds += time.perf_counter() - t0
+                if out.shape != (*ids.shape, vocab):
+                    raise RuntimeError(f"{name}: logits shape {out.shape}, expected {(*ids.shape, vocab)}")
+                logits[name] = out[:, :-1].reshape(-1, vocab)
+            for name in runners:
+                totals[name].add(logits[name], targets, logits[reference])
+            if progress is not None:
+                progress(done, len(batches))
     return totals
 
 
 def evaluate(artifact_dir: str | Path, eval_tokens: np.ndarray, seq_len: int = DEFAULT_SEQ_LEN,
-             reference: str | Path | Runner | None = None) -> PrecisionMetrics:
+             reference: str | Path | Any | None = None) -> PrecisionMetrics:
     """One artifact's metrics on ``eval_tokens``; against ``reference`` (an fp32 artifact dir or a runner),
     or against itself when None (agreement 1, KL 0: perplexity only)."""
     from llmtrt.pipelines.artifacts import read_manifest
+    from llmtrt.pipelines.runtime.runners import DecoderRunner, open_runner
 
     manifest = read_manifest(artifact_dir)
-    runners: dict[str, Runner] = {}
+    runners: dict[str, Any] = {}
     if reference is not None:
-        runners[REFERENCE] = reference if callable(reference) else open_runner(reference, read_manifest(reference))
+        runners[REFERENCE] = reference if isinstance(reference, DecoderRunner) else open_runner(reference)
     name = manifest.get("precision", "artifact")
     key = name if name != REFERENCE or reference is None else f"{name} ({artifact_dir})"
-    runners[key] = open_runner(artifact_dir, manifest)
+    runners[key] = open_runner(artifact_dir)
     totals = evaluate_runners(runners, eval_tokens, seq_len, manifest["config"]["vocab_size"],
                               reference=REFERENCE if reference is not None else key)
     ref_ppl = None if reference is None else _ppl(totals[REFERENCE])
@@ -545,17 +494,18 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
     if int(tokens.max()) >= cfg["vocab_size"]:
         raise LlmtrtUserError(f"{eval_text}: token id {int(tokens.max())} >= vocab_size {cfg['vocab_size']}; "
                               "the tokenizer does not match the model")
-    runners: dict[str, Runner] = {REFERENCE: open_runner(artifacts[REFERENCE], ref_manifest)}
+    from llmtrt.pipelines.runtime.runners import open_runner, reference_runner
+
+    runners: dict[str, Any] = {REFERENCE: open_runner(artifacts[REFERENCE])}
     notes = []
     if pytorch_reference:
-        spec = ref_manifest.get("model_source")
         try:
-            runners[PYTORCH] = pytorch_runner(spec, max_positions=None)
+            runners[PYTORCH] = reference_runner(ref_manifest, Path(artifacts[REFERENCE]) / "manifest.json")
         except LlmtrtUserError as exc:
-            notes.append(f"fp32 PyTorch cross-check not run: model_source {spec!r}: {exc}")
+            notes.append(f"fp32 PyTorch cross-check not run: {exc}")
     for name, d in artifacts.items():
         if name != REFERENCE:
-            runners[name] = open_runner(d, manifests[name])
+            runners[name] = open_runner(d)
     wins = windows(tokens, seq_len)
     say(f"scoring {len(runners)} runners ({', '.join(runners)}) on {len(tokens)} tokens in {len(wins)} windows "
         f"of {seq_len}")

@@ -38,8 +38,8 @@ from llmtrt import configs
 from llmtrt.exporter.errors import LlmtrtUserError
 from llmtrt.exporter.files import write_json_atomically
 from llmtrt.pipelines.artifacts import read_manifest
+from llmtrt.pipelines.checks.validation_runner import ONE_PASS, PREFILL, decode_name
 from llmtrt.pipelines.engine.profiles import max_positions_from_file
-from llmtrt.pipelines.runtime.runners import ONE_PASS, PREFILL, decode_name
 
 DEFAULT_TOLERANCES = configs.path("tolerances.yaml")
 DEFAULT_TEXT = configs.path("text", "eval.txt")
@@ -184,17 +184,12 @@ def prompt_rows(tokens: Sequence[int], batch: int) -> list[list[int]]:
     return [list(tokens[min(r * cut, len(tokens) - 1):]) for r in range(batch)]
 
 
-def greedy_tokens(model_source: str, seed: int, prompts: list[list[int]], steps: int, max_positions: int | None
-                  ) -> np.ndarray:
-    from llmtrt.exporter.config import resolve_model
-    from llmtrt.exporter.weights import load_model
-    from llmtrt.pipelines.runtime.decoding import Batch, empty_cache, prefill_then_decode, torch_stepper
+def greedy_tokens(reference, prompts: list[list[int]], steps: int) -> np.ndarray:
+    """The reference runner's greedy continuation of ``prompts`` (the decode tokens for --prompt)."""
+    from llmtrt.pipelines.runtime.decoding import Batch, prefill_then_decode
 
-    source = resolve_model(model_source, seed=seed)
-    c = source.config
-    batch = Batch.left_padded(prompts)
-    cache = empty_cache(c.num_hidden_layers, len(prompts), c.num_key_value_heads, c.head_dim)
-    return prefill_then_decode(torch_stepper(load_model(source, max_positions)), batch, cache, steps=steps).tokens
+    with reference:
+        return prefill_then_decode(reference, Batch.left_padded(prompts), steps=steps).tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,34 +340,26 @@ def validate(artifact_dir: str | Path, options: ValidateOptions = ValidateOption
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.logger import G_LOGGER
 
+    from llmtrt.exporter.kv_cache import get_layout
     from llmtrt.pipelines.artifacts import load_exported
+    from llmtrt.pipelines.checks.validation_runner import DecodePlan, ValidationRunner, prefill_feed
     from llmtrt.pipelines.runtime.decoding import Batch
-    from llmtrt.pipelines.runtime.runners import (
-        DecodePlan,
-        OnnxRuntimeRunner,
-        PyTorchRunner,
-        TensorRTRunner,
-        prefill_feed,
-        tensorrt_unavailable,
-    )
+    from llmtrt.pipelines.runtime.runners import OnnxRuntimeRunner, reference_runner
     from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
     artifact_dir = Path(artifact_dir)
     if options.batch < 1 or options.decode_steps < 0 or options.prompt_tokens < 1:
         raise LlmtrtUserError("--batch and the prompt length must be >= 1 and --decode-steps >= 0")
     manifest = read_manifest(artifact_dir)
-    try:
-        exported = load_exported(artifact_dir)
-        precision = manifest.get("precision", "fp32")
-        model_source = manifest["model_source"]
-    except (KeyError, TypeError) as exc:
-        raise LlmtrtUserError(f"{artifact_dir / 'manifest.json'}: missing or bad field {exc}; "
-                              "re-run the stage that wrote it") from None
-    seed = int(manifest.get("seed", 0))
+    exported = load_exported(artifact_dir, manifest)
+    precision = manifest["precision"]
+    layout = get_layout(exported.kv_cache)
     tol = load_tolerances(options.tolerances or DEFAULT_TOLERANCES, precision)
 
     tokenizer = load_tokenizer(artifact_dir)
     steps = options.decode_steps
+    rope_rows = max_positions_from_file(exported.onnx_path) or exported.config.max_position_embeddings
+    reference = reference_runner(manifest, artifact_dir / "manifest.json", max_positions=rope_rows)
     if options.prompt is not None:
         prompts = prompt_rows(tokenizer.encode(options.prompt), options.batch)
         source_desc = {"prompt": options.prompt}
@@ -385,27 +372,28 @@ def validate(artifact_dir: str | Path, options: ValidateOptions = ValidateOption
         prompts, decode_tokens = text_prompts(tokenizer.encode(text), options.batch, options.prompt_tokens, steps)
         source_desc = {"text": str(text_path)}
     batch = Batch.left_padded(prompts)
-    total = batch.input_ids.shape[1] + steps
-    rope_rows = max_positions_from_file(exported.onnx_path) or exported.config.max_position_embeddings
+    total = batch.width + steps
     if total > rope_rows:
         raise LlmtrtUserError(f"{exported.onnx_path}: {total} tokens (prompt + --decode-steps) exceed the graph's "
                               f"{rope_rows} positions; shorten the prompt or re-export with a larger --max-seq")
     if options.prompt is not None:
-        decode_tokens = greedy_tokens(model_source, seed, prompts, steps, rope_rows)
-    plan = DecodePlan(decode_tokens, exported.kv_cache, total)
+        decode_tokens = greedy_tokens(reference, prompts, steps)
+    plan = DecodePlan(decode_tokens, total)
 
-    ort_runner = OnnxRuntimeRunner(exported.onnx_path, exported.config, plan, name="onnxruntime")
-    reference = PyTorchRunner(model_source, plan, ort_runner.input_metadata, seed=seed, max_positions=rope_rows)
-    runners = [reference, ort_runner]
+    ort_runner = OnnxRuntimeRunner(exported.onnx_path, exported.config, layout, max_positions=rope_rows)
+    with ort_runner:
+        cache_dtype = ort_runner.cache_dtype
+        metadata = ort_runner.get_input_metadata(use_numpy_dtypes=False)
+    runners = [ValidationRunner(reference, plan, metadata), ValidationRunner(ort_runner, plan, metadata)]
     runner_info = [{"name": r.name, "description": r.description} for r in runners]
     if options.engine is not None:
-        reason = tensorrt_unavailable(options.engine)
-        if reason is None:
-            runners.append(TensorRTRunner(options.engine, exported.config, plan, ort_runner.input_metadata))
-            runner_info.append({"name": "tensorrt", "description": f"TensorRT engine {options.engine}"})
+        engine, reason = _engine_runner(options.engine)
+        if engine is not None:
+            runners.append(ValidationRunner(engine, plan, metadata))
+            runner_info.append({"name": engine.name, "description": engine.description})
         else:
             runner_info.append({"name": "tensorrt", "skipped": True, "reason": reason})
-    feed = prefill_feed(batch, exported.config, plan, ort_runner.cache_dtype)
+    feed = prefill_feed(batch, exported.config, layout, plan, cache_dtype)
 
     stage = None
     if options.out_dir is not None:
@@ -440,8 +428,8 @@ def validate(artifact_dir: str | Path, options: ValidateOptions = ValidateOption
             runners=runner_info,
             inputs={**source_desc, "tokenizer": tokenizer.name, "batch": options.batch,
                     "prompt_lengths": [len(p) for p in prompts], "decode_steps": steps,
-                    "decode_tokens": plan.decode_tokens.tolist(), "kv_cache": plan.kv_cache,
-                    "max_cache_len": plan.max_cache_len if plan.kv_cache == "static" else None},
+                    "decode_tokens": plan.decode_tokens.tolist(), "kv_cache": layout.name,
+                    "cache_capacity": plan.capacity},
             tolerances={"file": tol.source, "precision": precision,
                         "groups": {k: vars(v) for k, v in tol.groups.items()},
                         "atol_overrides": dict(options.atol), "rtol_overrides": dict(options.rtol)},
@@ -457,6 +445,21 @@ def validate(artifact_dir: str | Path, options: ValidateOptions = ValidateOption
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def _engine_runner(engine_dir: str | Path):
+    """(runner, None) for an engine that can run here, else (None, the reason it is skipped)."""
+    from llmtrt.pipelines.runtime.engine_runner import TensorRTRunner
+
+    runner = TensorRTRunner(engine_dir)
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, f"no CUDA GPU on this machine, so the engine in {engine_dir} cannot run (validated ONNX Runtime only)"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None, "torch is not installed"
+    return runner, None
 
 
 def _publish(report: ValidationReport, stage: Path, out_dir: Path, onnx_path: Path, tol: Tolerances) -> None:
@@ -548,13 +551,11 @@ def mark_all_outputs(model):
 def _run_all(onnx_path: Path, feed: Mapping[str, np.ndarray]) -> tuple[list, dict[str, np.ndarray]]:
     """Every node output of the graph at ``onnx_path`` for one feed; nodes in graph order."""
     import onnx
-    import onnxruntime as ort
+
+    from llmtrt.pipelines.runtime.runners import ort_session
 
     model = mark_all_outputs(onnx.load(str(onnx_path)))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path, keep_all_tensors=True, model_bytes=model.SerializeToString())
     dtypes = {i.name: i.type for i in session.get_inputs()}
     inputs = {k: (v.astype(np.float16) if dtypes.get(k) == "tensor(float16)" else v)
               for k, v in feed.items() if k in dtypes}
@@ -582,9 +583,8 @@ def layerwise(exported, manifest: dict[str, Any], feed: Mapping[str, np.ndarray]
               reference: str | Path | None, stage: Path | None) -> dict[str, Any]:
     """Every intermediate tensor of the artifact vs the same tensor of an fp32 reference export (matched by
     node name and output index, names follow modules), and the first node where the error jumps."""
-    from llmtrt.exporter.config import resolve_model
     from llmtrt.exporter.onnx_export import ExportOptions, export
-    from llmtrt.pipelines.artifacts import load_exported
+    from llmtrt.pipelines.artifacts import load_exported, open_model_source
 
     with tempfile.TemporaryDirectory(prefix="llmtrt-layerwise-") as tmp:
         if reference is not None:
@@ -592,7 +592,7 @@ def layerwise(exported, manifest: dict[str, Any], feed: Mapping[str, np.ndarray]
         else:
             options = ExportOptions(dialect=exported.dialect, opset=exported.opset, kv_cache=exported.kv_cache,
                                     max_positions=max_positions_from_file(exported.onnx_path))
-            source = resolve_model(manifest["model_source"], seed=int(manifest.get("seed", 0)))
+            source = open_model_source(manifest, exported.onnx_path.parent / "manifest.json")
             ref_path = export(source, Path(tmp) / "reference", options).onnx_path
             ref_desc = f"fp32 re-export of {manifest['model_source']} ({exported.dialect} ops)"
         ref_nodes, ref_values = _run_all(ref_path, feed)

@@ -54,7 +54,9 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_
       llmtrt generate out/engines --precision fp16 --prompt "The for statement"  (GPU)
       llmtrt generate out/onnx --prompt "The for statement" --json
     """
+    from llmtrt.exporter.config import resolve_model
     from llmtrt.pipelines.runtime import generate as gen
+    from llmtrt.pipelines.runtime.runners import PyTorchRunner, open_runner
     from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
     if (artifact is None) == (model_spec is None):
@@ -67,10 +69,10 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_
     sampling = gen.Sampling(greedy=greedy, temperature=1.0 if temperature is None else temperature,
                             top_p=1.0 if top_p is None else top_p, seed=seed)
     if artifact is not None:
-        runner = gen.open_artifact(artifact, provider=provider, precision=precision)
+        runner = open_runner(artifact, provider=provider, precision=precision)
         source = gen.model_dir_for(artifact)
     else:
-        runner = gen.open_model(model_spec)
+        runner = PyTorchRunner(resolve_model(model_spec))
         source = model_spec
     tokenizer = load_tokenizer(source)
     eos = gen.eos_token_ids(source)

@@ -27,7 +27,7 @@ from typing import Any
 import onnx
 
 from llmtrt.exporter.files import artifact_dir, check_out_dir, write_bytes_atomically
-from llmtrt.exporter.kv_cache import get_layout
+from llmtrt.exporter.kv_cache import get_layout, layout_of_inputs
 from llmtrt.pipelines.artifacts import onnx_sha256, peak_rss_bytes
 from llmtrt.pipelines.engine.backends import Backend, get_backend
 from llmtrt.pipelines.engine.lowering import custom_nodes
@@ -340,6 +340,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": "tensorrt-engine",
+        "kv_cache": layout_of_inputs(network_inputs).name,
         "plan": plan_path.name,
         "plan_sha256": hashlib.sha256(memoryview(plan)).hexdigest(),
         "plan_bytes": plan.nbytes,

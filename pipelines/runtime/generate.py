@@ -1,15 +1,14 @@
-"""Text generation with the KV cache from any artifact: PyTorch model, ONNX (ONNX Runtime), TensorRT engine.
+"""Text generation with the KV cache from any runner: PyTorch model, ONNX Runtime, a TensorRT engine.
 
-    with open_artifact("out/onnx") as runner:                 # or open_model("bytes-llama")
+    with open_runner("out/onnx") as runner:                    # or PyTorchRunner(resolve_model("bytes-llama"))
         tok = load_tokenizer("out/onnx")
         result = generate(runner, tok, ["The for statement"], max_new_tokens=32)
     result.texts[0], result.stats.decode_tokens_per_s
 
-A *runner* is a context manager that knows its model config, how many positions its graph holds and
-how to make a :data:`llmtrt.pipelines.runtime.decoding.Stepper`; the decode loop here is the same for all of them:
-prefill the (left-padded) prompts in one call, then one token per call, feeding ``present`` back as
-``past``. Tokens are greedy or temperature + top-p samples from a seeded numpy Generator, so a seed
-reproduces a sample on every backend that computes the same logits.
+The loop is the same for every runner (runtime/runners.py): prefill the (left-padded) prompts in one
+call, then one token per call with the runner's cache. Tokens are greedy or temperature + top-p
+samples from a seeded numpy Generator, so a seed reproduces a sample on every backend that computes
+the same logits.
 """
 
 from __future__ import annotations
@@ -20,24 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from llmtrt.exporter.config import ModelConfig
 from llmtrt.pipelines.errors import LlmtrtUserError
-from llmtrt.pipelines.runtime.decoding import (
-    Batch,
-    Stepper,
-    empty_cache,
-    ort_static_stepper,
-    ort_stepper,
-    static_cache_adapter,
-    torch_stepper,
-)
+from llmtrt.pipelines.runtime.decoding import Batch
+from llmtrt.pipelines.runtime.runners import DecoderRunner
 
-PROVIDERS = ("auto", "cpu", "cuda")
-_ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 STOP_REASONS = ("max_new_tokens", "eos", "max_positions")
 
 
@@ -84,262 +73,15 @@ class Sampling:
 
 
 # --------------------------------------------------------------------------------------------
-# runners
-# --------------------------------------------------------------------------------------------
-class Runner(Protocol):
-    """What the decode loop needs from a backend; every runner is a context manager."""
-
-    description: str         # e.g. "onnxruntime 1.32 CPUExecutionProvider (out/onnx/model.onnx)"
-    config: ModelConfig
-    max_positions: int       # past + new tokens the graph can hold (rotary table / engine profile)
-    cache_dtype: type
-
-    def stepper(self, max_cache_len: int) -> Stepper: ...
-
-    def __enter__(self) -> Runner: ...
-
-    def __exit__(self, *exc: object) -> None: ...
-
-
-class _Closing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        pass
-
-
-class TorchRunner(_Closing):
-    """The fp32 PyTorch model (the reference)."""
-
-    def __init__(self, spec: str, max_positions: int | None = None) -> None:
-        from llmtrt.exporter.config import resolve_model
-        from llmtrt.exporter.weights import load_model
-
-        self.source = resolve_model(spec)
-        self.config = self.source.config
-        self.max_positions = max_positions or self.config.max_position_embeddings
-        self.model = load_model(self.source, max_positions=self.max_positions)
-        self.cache_dtype = np.float32
-        self.description = f"pytorch fp32 ({spec})"
-
-    def stepper(self, max_cache_len: int) -> Stepper:
-        return torch_stepper(self.model)
-
-
-class OrtRunner(_Closing):
-    """An exported (or quantized) ONNX directory run with ONNX Runtime; static caches go through the adapter."""
-
-    def __init__(self, directory: str | Path, provider: str = "auto") -> None:
-        import onnxruntime as ort
-
-        from llmtrt.pipelines.artifacts import load_exported
-
-        directory = Path(directory)
-        try:
-            exported = load_exported(directory)
-        except (KeyError, TypeError) as exc:
-            raise LlmtrtUserError(f"{directory / 'manifest.json'}: missing or bad field {exc}; "
-                                  "re-run the stage that wrote it (`llmtrt export`)") from None
-        self.config = exported.config
-        self.kv_cache = exported.kv_cache
-        from llmtrt.pipelines.engine.profiles import max_positions_from_file
-
-        self.max_positions = max_positions_from_file(exported.onnx_path) or self.config.max_position_embeddings
-        name = _ort_provider(provider, ort.get_available_providers())
-        providers = [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
-        try:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3  # errors only: static caches log a TensorScatter copy note per node per step
-            self.session = ort.InferenceSession(str(exported.onnx_path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise LlmtrtUserError(f"{exported.onnx_path}: ONNX Runtime cannot load it ({str(exc)[:300]})") from None
-        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.cache_dtype = np.float16 if past and past[0].type == "tensor(float16)" else np.float32
-        self.description = (f"onnxruntime {ort.__version__} {self.session.get_providers()[0]} "
-                            f"({exported.onnx_path}, {exported.dialect} ops, {self.kv_cache} cache)")
-
-    def stepper(self, max_cache_len: int) -> Stepper:
-        if self.kv_cache == "static":
-            return static_cache_adapter(ort_static_stepper(self.session), max_cache_len)
-        return ort_stepper(self.session)
-
-    def close(self) -> None:
-        self.session = None
-
-
-def _ort_provider(provider: str, available: Sequence[str]) -> str:
-    if provider not in PROVIDERS:
-        raise LlmtrtUserError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
-    if provider == "auto":
-        return _ORT_PROVIDERS["cuda"] if _ORT_PROVIDERS["cuda"] in available else _ORT_PROVIDERS["cpu"]
-    name = _ORT_PROVIDERS[provider]
-    if name not in available:
-        raise LlmtrtUserError(f"--provider {provider}: this onnxruntime has no {name} (available: "
-                              f"{', '.join(available)}); pip install onnxruntime-gpu, or use --provider cpu")
-    return name
-
-
-class TensorRTRunner(_Closing):
-    """A serialized engine written by ``llmtrt build``; needs a GPU (CUDA memory via torch)."""
-
-    def __init__(self, directory: str | Path, precision: str | None = None) -> None:
-        from llmtrt.pipelines.artifacts import load_exported
-        from llmtrt.pipelines.engine.backends import get_backend
-
-        directory = Path(directory)
-        self.manifest_path = _engine_manifest(directory, precision)
-        try:
-            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-            plan_path = directory / manifest["plan"]
-            backend = get_backend(manifest["backend"]["name"])
-            onnx_dir = Path(manifest["onnx"]).parent
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise LlmtrtUserError(f"{self.manifest_path}: corrupt engine manifest ({exc}); re-run `llmtrt build`") from None
-        if not plan_path.is_file():
-            raise LlmtrtUserError(f"{plan_path}: listed in {self.manifest_path.name} but missing; re-run `llmtrt build`")
-        exported = load_exported(onnx_dir)  # model config, cache layout and tokenizer come from the ONNX's manifest
-        self.config, self.kv_cache, self.onnx_dir = exported.config, exported.kv_cache, onnx_dir
-        self.profiles = manifest.get("profiles", [])
-        self.max_positions = max((p["shapes"]["attention_mask"]["max"][-1] for p in self.profiles
-                                  if "attention_mask" in p.get("shapes", {})), default=self.config.max_position_embeddings)
-        trt = backend.module()
-        logger = backend.logger()
-        mark = logger.mark()
-        self.runtime = trt.Runtime(logger)
-        try:
-            self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        except Exception as exc:  # some versions raise instead of returning None
-            self.engine, reason = None, str(exc)
-        else:
-            reason = " ".join(logger.since(mark, "ERROR", "INTERNAL_ERROR")[-1:])
-        if self.engine is None:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise LlmtrtUserError(
-                    f"TensorRT engines need a GPU; there is no CUDA device here, so {backend.name} "
-                    f"{backend.version()} cannot deserialize {plan_path}. Run on a machine with the engine's target "
-                    f"GPU, or generate on the CPU from the ONNX directory: llmtrt generate {onnx_dir}")
-            raise LlmtrtUserError(f"{plan_path}: {backend.name} could not deserialize it ({reason or 'no message'}); "
-                                  "rebuild it with `llmtrt build` for this GPU and TensorRT version")
-        import torch
-
-        self.trt, self.torch = trt, torch
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        self.cache_dtype = trt.nptype(self.engine.get_tensor_dtype("past_key_values.0.key"))
-        self.description = f"{backend.name} {backend.version()} ({plan_path})"
-
-    def _profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
-        for index, profile in enumerate(self.profiles):
-            ranges = profile.get("shapes", {})
-            if all(all(lo <= s <= hi for s, lo, hi in zip(shape, ranges[n]["min"], ranges[n]["max"], strict=True))
-                   for n, shape in shapes.items() if n in ranges):
-                return index
-        raise LlmtrtUserError(f"{self.manifest_path}: no optimization profile accepts shapes {shapes}; "
-                              "rebuild with profiles covering this prompt length")
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch, trt = self.torch, self.trt
-        self.context.set_optimization_profile_async(self._profile_for({k: v.shape for k, v in feeds.items()}),
-                                                    self.stream.cuda_stream)
-        keep = []
-        for name, array in feeds.items():
-            dtype = trt.nptype(self.engine.get_tensor_dtype(name))
-            host = np.ascontiguousarray(array.astype(dtype, copy=False))
-            # an empty past (prefill) still needs a non-null address
-            tensor = torch.from_numpy(host if host.size else np.zeros(1, dtype)).cuda()
-            keep.append(tensor)
-            self.context.set_input_shape(name, tuple(array.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            if self.engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
-                continue
-            dtype = torch.from_numpy(np.zeros(0, trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
-            shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(max(1, int(np.prod(shape))), dtype=dtype, device="cuda")
-            self.context.set_tensor_address(name, out.data_ptr())
-            outputs[name] = out[: int(np.prod(shape))].view(shape)
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        self.stream.synchronize()
-        return {k: v.cpu().numpy() for k, v in outputs.items()}
-
-    def stepper(self, max_cache_len: int) -> Stepper:
-        layers = self.config.num_hidden_layers
-
-        def run(input_ids, position_ids, attention_mask, past, write_indices=None):
-            feeds = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
-            for i in range(layers):
-                feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
-            if write_indices is not None:
-                feeds["write_indices"] = write_indices
-            outs = self._run(feeds)
-            present = [outs[f"present.{i}.{kv}"] for i in range(layers) for kv in ("key", "value")]
-            return outs["logits"], present
-
-        if self.kv_cache == "static":
-            return static_cache_adapter(lambda ids, pos, mask, wi, cache: run(ids, pos, mask, cache, wi), max_cache_len)
-        return run
-
-    def close(self) -> None:
-        self.context = self.engine = None
-
-
-def _engine_manifest(directory: Path, precision: str | None) -> Path:
-    found = sorted(directory.glob("engine.*.json"))
-    if precision is not None:
-        path = directory / f"engine.{precision}.json"
-        if not path.is_file():
-            names = ", ".join(p.name for p in found) or "none"
-            raise LlmtrtUserError(f"{directory}: no engine.{precision}.json (engines here: {names})")
-        return path
-    if len(found) > 1:
-        raise LlmtrtUserError(f"{directory}: several engines ({', '.join(p.name for p in found)}); "
-                              "pick one with --precision")
-    return found[0]
-
-
-def artifact_kind(path: str | Path) -> str:
-    """"onnx" (manifest.json) or "engine" (engine.<precision>.json); a user error otherwise."""
-    path = Path(path)
-    if not path.is_dir():
-        raise LlmtrtUserError(f"{path}: no such artifact directory; pass a directory written by `llmtrt export` "
-                              "(manifest.json) or `llmtrt build` (engine.<precision>.plan/.json), or use --model")
-    if (path / "manifest.json").is_file():
-        return "onnx"
-    if any(path.glob("engine.*.json")):
-        return "engine"
-    raise LlmtrtUserError(f"{path}: neither manifest.json nor engine.<precision>.json here; pass a directory "
-                          "written by `llmtrt export` or `llmtrt build`, or use --model PRESET|HF_DIR")
-
-
-def open_artifact(path: str | Path, *, provider: str = "auto", precision: str | None = None) -> Runner:
-    """The runner for an artifact directory, chosen from what its manifest says it is."""
-    if artifact_kind(path) == "onnx":
-        return OrtRunner(path, provider)
-    return TensorRTRunner(path, precision)
-
-
-def open_model(spec: str, max_positions: int | None = None) -> Runner:
-    """The fp32 PyTorch model for a preset name or an HF checkpoint directory."""
-    return TorchRunner(spec, max_positions)
-
-
-# --------------------------------------------------------------------------------------------
 # model facts: tokenizer source and EOS ids
 # --------------------------------------------------------------------------------------------
 def model_dir_for(artifact: str | Path) -> str:
     """What to hand ``load_tokenizer``: the ONNX directory (its manifest names the model) for any artifact."""
+    from llmtrt.pipelines.runtime.engine_runner import read_engine_manifest
+    from llmtrt.pipelines.runtime.runners import artifact_kind
+
     if artifact_kind(artifact) == "engine":
-        manifest = json.loads(_engine_manifest(Path(artifact), None).read_text(encoding="utf-8"))
-        return str(Path(manifest["onnx"]).parent)
+        return str(Path(read_engine_manifest(artifact)[1]["onnx"]).parent)
     return str(artifact)
 
 
@@ -437,7 +179,7 @@ class Generation:
                 **asdict(self.stats)}
 
 
-def generate_ids(runner: Runner, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+def generate_ids(runner: DecoderRunner, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), eos_ids: Sequence[int] = (), pad_id: int = 0,
                  on_token: Callable[[int, int], None] | None = None, warmup: bool = True) -> Generation:
     """Decode ``max_new_tokens`` tokens for each prompt (left-padded into one batch) with the KV cache.
@@ -462,22 +204,21 @@ def generate_ids(runner: Runner, prompts: Sequence[Sequence[int]], *, max_new_to
                               "positions; shorten the prompt or re-export with a larger --max-seq")
     # the last chosen token is never fed back, so a full cache still yields one more token
     budget = min(max_new_tokens, runner.max_positions - width + 1)
-    step = runner.stepper(min(runner.max_positions, width + budget - 1))
-    cache = empty_cache(cfg.num_hidden_layers, len(prompts), cfg.num_key_value_heads, cfg.head_dim, runner.cache_dtype)
+    capacity = min(runner.max_positions, width + budget - 1)
     choose = sampling.chooser()
     eos = {int(e) for e in eos_ids}
     rows = len(prompts)
     if warmup:
         one = np.zeros((1, 1), dtype=np.int64)
-        step(one, one, np.ones_like(one), empty_cache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads,
-                                                      cfg.head_dim, runner.cache_dtype))
+        runner.step(one, one, np.ones_like(one), runner.new_cache(1, 1))
     tokens: list[list[int]] = [[] for _ in range(rows)]
     reasons = [""] * rows
 
     t0 = time.perf_counter()
-    logits, present = step(batch.input_ids, batch.position_ids, batch.attention_mask, cache)
+    state = runner.new_cache(rows, capacity)
+    logits = runner.step(batch.input_ids, batch.position_ids, batch.attention_mask, state)
     prefill_s = time.perf_counter() - t0
-    mask, positions = batch.attention_mask, batch.position_ids[:, -1:]
+    positions = batch.position_ids[:, -1:]
     t1 = time.perf_counter()
     steps = 0
     while True:
@@ -498,9 +239,8 @@ def generate_ids(runner: Runner, prompts: Sequence[Sequence[int]], *, max_new_to
         if all(reasons):
             break
         fed = chosen.reshape(rows, 1).astype(np.int64)
-        mask = np.concatenate([mask, np.ones_like(fed)], axis=1)
         positions = positions + 1
-        logits, present = step(fed, positions, mask, present)
+        logits = runner.step(fed, positions, np.ones_like(fed), state)
         steps += 1
     decode_s = time.perf_counter() - t1
 
@@ -513,7 +253,7 @@ def generate_ids(runner: Runner, prompts: Sequence[Sequence[int]], *, max_new_to
     return Generation(tokens, reasons, stats)
 
 
-def generate(runner: Runner, tokenizer: Any, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
+def generate(runner: DecoderRunner, tokenizer: Any, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
              sampling: Sampling = Sampling(), eos_ids: Sequence[int] = (),
              on_text: Callable[[int, str], None] | None = None) -> Generation:
     """Text in, text out: encode, :func:`generate_ids`, decode. ``on_text(row, chunk)`` streams text."""

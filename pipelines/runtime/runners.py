@@ -1,293 +1,279 @@
-"""Polygraphy runners that own the prefill + decode loop: PyTorch fp32 reference, ONNX Runtime, TensorRT.
+"""One runner per backend: the PyTorch model, ONNX Runtime, a TensorRT engine (runtime/engine_runner.py).
 
-One Polygraphy *iteration* is one whole generation check. The feed dict is the exported graph's
-prefill feed (``input_ids``, ``position_ids``, ``attention_mask``, empty ``past_key_values.*``, and
-``write_indices`` for a static cache), so ``polygraphy run model.onnx --onnxrt --load-inputs
-inputs.json`` replays exactly the first step by hand. Each runner then runs prefill + ``M`` decode
-steps, feeding ``present.*`` back as ``past_key_values.*`` (teacher-forced on the same
-``decode_tokens`` for every backend), plus one forward over the whole ``N + M`` tokens, and returns
+    with OnnxRuntimeRunner.from_artifact("out/onnx") as runner:        # loads on activation
+        state = runner.new_cache(batch=1, capacity=64)
+        logits = runner.step(input_ids, position_ids, new_mask, state)  # prefill; state now holds the cache
+        logits = runner.step(next_ids, next_positions, ones, state)     # one decode step
 
-    logits.prefill      [batch, N, vocab]     (``logits``: the same, padding rows kept, for by-hand replays)
-    logits.decode.{i}   [batch, 1, vocab]     i = 1..M
-    logits.one_pass     [batch, M + 1, vocab] one forward over N + M tokens, at the positions that
-                                              prefill's last token and each decode step predict from
-    present.{i}.key|value                     the cache after the last decode step
-
-Logits and cache rows of left-padding positions are zeroed: a fully masked softmax is undefined
-and backends legitimately differ there.
-
-so Polygraphy's comparison functions see every step by name, and the KV-cache consistency check
-(prefill + decode == one pass) is a comparison within one runner's outputs.
+Every runner is a Polygraphy runner (``activate``/``deactivate``, ``infer(feed_dict)`` = one call of
+the graph on raw feeds, ``get_input_metadata``) and owns the decode loop's step: it builds the feeds
+for its graph's KV-cache layout (:mod:`llmtrt.exporter.kv_cache`), keeps the cache between steps in
+its own memory (host arrays, torch tensors, device buffers) and returns the logits on the host.
+validate, generate, compare and the benchmarks all run through these runners and
+:mod:`llmtrt.pipelines.runtime.decoding`.
 """
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from llmtrt.exporter.config import ModelConfig
+from llmtrt.exporter.config import ModelConfig, ModelSource
 from llmtrt.exporter.errors import LlmtrtUserError
-from llmtrt.pipelines.runtime.decoding import (
-    Batch,
-    Stepper,
-    empty_cache,
-    ort_static_stepper,
-    ort_stepper,
-    positions_from_mask,
-    prefill_then_decode,
-    static_cache_adapter,
-    torch_stepper,
-)
+from llmtrt.exporter.kv_cache import CacheState, KVLayout, get_layout
 
-PREFILL = "logits.prefill"
-RAW_PREFILL = "logits"  # prefill logits unmasked, as the graph returns them (not gated: padding rows differ)
-ONE_PASS = "logits.one_pass"
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(bfloat16)": np.float32}
 
 
-def decode_name(step: int) -> str:
-    return f"logits.decode.{step}"
+class DecoderRunner(BaseRunner):
+    """Base of the backend runners. Subclasses implement ``activate_impl``/``deactivate_impl``,
+    ``_call(feeds) -> (logits on the host, present tensors)`` and, where their cache is not numpy,
+    ``_alloc``/``_host``."""
 
+    is_active = False  # set by BaseRunner.__init__; here too for a subclass whose __init__ fails early
 
-@dataclass(frozen=True)
-class DecodePlan:
-    """What every runner does after the prefill feed: the same tokens, the same cache layout."""
-
-    decode_tokens: np.ndarray  # [batch, M] int64, fed one per decode step (teacher forcing)
-    kv_cache: str = "dynamic"  # the artifact's layout; "static" graphs run through static_cache_adapter
-    max_cache_len: int = 0     # static layout: slots in the fixed-size cache (>= N + M)
-
-    @property
-    def steps(self) -> int:
-        return int(self.decode_tokens.shape[1])
-
-
-def graph_input_metadata(onnx_path: str | Path) -> TensorMetadata:
-    """Names, numpy dtypes and shapes (None for symbolic dims) of a graph's inputs, without loading weights."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    meta = TensorMetadata()
-    initializers = {i.name for i in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        t = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        meta.add(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)), dims)
-    return meta
-
-
-def prefill_feed(batch: Batch, config: ModelConfig, plan: DecodePlan, cache_dtype=np.float32) -> OrderedDict:
-    """The graph's feed dict for the prefill step (empty dynamic cache, or a zeroed static one at slot 0)."""
-    n, seq = batch.input_ids.shape
-    feed = OrderedDict(input_ids=batch.input_ids, position_ids=batch.position_ids)
-    if plan.kv_cache == "static":
-        mask = np.zeros((n, plan.max_cache_len), dtype=np.int64)
-        mask[:, :seq] = batch.attention_mask
-        feed["attention_mask"] = mask
-        length = plan.max_cache_len
-    else:
-        feed["attention_mask"] = batch.attention_mask
-        length = 0
-    for i in range(config.num_hidden_layers):
-        for kv in ("key", "value"):
-            feed[f"past_key_values.{i}.{kv}"] = np.zeros(
-                (n, config.num_key_value_heads, length, config.head_dim), dtype=cache_dtype)
-    if plan.kv_cache == "static":
-        feed["write_indices"] = np.zeros((n,), dtype=np.int64)
-    return feed
-
-
-def batch_from_feed(feed: dict[str, np.ndarray], plan: DecodePlan) -> Batch:
-    """The prompts a prefill feed dict holds (inverse of ``prefill_feed``); refuses a non-empty past."""
-    ids = np.asarray(feed["input_ids"], dtype=np.int64)
-    seq = ids.shape[1]
-    mask = np.asarray(feed["attention_mask"], dtype=np.int64)
-    if plan.kv_cache == "static":
-        if np.any(np.asarray(feed.get("write_indices", 0)) != 0) or np.any(mask[:, seq:]):
-            raise ValueError("a validation feed must be a prefill step: write_indices 0 and nothing cached")
-        mask = mask[:, :seq]
-    elif mask.shape[1] != seq:
-        raise ValueError(f"a validation feed must be a prefill step: attention_mask covers {mask.shape[1]} "
-                         f"tokens but input_ids has {seq}")
-    return Batch(ids, mask, np.asarray(feed["position_ids"], dtype=np.int64))
-
-
-def one_pass_batch(batch: Batch, decode_tokens: np.ndarray) -> Batch:
-    """Prompts followed by the decode tokens, as one left-padded prefill (padding stays on the left)."""
-    ids = np.concatenate([batch.input_ids, decode_tokens.astype(np.int64)], axis=1)
-    mask = np.concatenate([batch.attention_mask, np.ones_like(decode_tokens, dtype=np.int64)], axis=1)
-    return Batch(ids, mask, positions_from_mask(mask))
-
-
-class DecodeLoopRunner(BaseRunner):
-    """Base: subclasses provide ``make_stepper()`` (after ``activate``), ``config`` and ``cache_dtype``."""
-
-    def __init__(self, plan: DecodePlan, input_metadata: TensorMetadata, config: ModelConfig,
-                 name: str | None = None, prefix: str = "llmtrt-runner") -> None:
-        super().__init__(name=name, prefix=prefix)
-        self.plan = plan
+    def __init__(self, config: ModelConfig, layout: KVLayout, max_positions: int, name: str, description: str,
+                 fixed_cache_length: int | None = None) -> None:
+        super().__init__(name=name, prefix="llmtrt")
         self.config = config
-        self.input_metadata = input_metadata
-        self.cache_dtype = np.float32
-        self.description = self.name
+        self.layout = layout
+        self.max_positions = max_positions           # positions the graph can address (rotary table, profiles)
+        self.fixed_cache_length = fixed_cache_length  # a static cache whose length is fixed in the graph/engine
+        self.description = description
+        self.cache_dtype: Any = np.float32
 
-    def make_stepper(self) -> Stepper:
+    # -- the decode API -------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int | None = None) -> CacheState:
+        """An empty cache for ``batch`` rows that can hold ``capacity`` positions (default: all)."""
+        capacity = self.fixed_cache_length or capacity or self.max_positions
+        if capacity > self.max_positions:
+            raise LlmtrtUserError(f"{capacity} positions exceed the {self.max_positions} that {self.description} "
+                                  "holds; shorten the prompt or output, or re-export with a larger --max-seq")
+        shape = self.layout.cache_shape(self.config, batch, capacity)
+        tensors = [self._alloc(shape) for _ in range(2 * self.config.num_hidden_layers)]
+        return CacheState(tensors, np.zeros((batch, 0), dtype=np.int64), capacity)
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, new_mask: np.ndarray,
+             state: CacheState) -> np.ndarray:
+        """Run ``input_ids`` [batch, seq] after what ``state`` holds; returns logits [batch, seq, vocab]
+        (float32, host) and advances ``state`` (its tensors become the present cache)."""
+        feeds: dict[str, Any] = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+                                 **self.layout.step_inputs(new_mask, state)}
+        for i in range(self.config.num_hidden_layers):
+            feeds[f"past_key_values.{i}.key"] = state.tensors[2 * i]
+            feeds[f"past_key_values.{i}.value"] = state.tensors[2 * i + 1]
+        logits, present = self._call(feeds)
+        state.tensors = present
+        state.mask = np.concatenate([state.mask, new_mask.astype(np.int64)], axis=1)
+        return logits
+
+    def cache_on_host(self, state: CacheState) -> list[np.ndarray]:
+        """The cached positions as host float32 arrays [k0, v0, ...] (for checks)."""
+        return [np.asarray(self.layout.host_view(self._host(t), state.length), dtype=np.float32)
+                for t in state.tensors]
+
+    # -- backend hooks ----------------------------------------------------------------------------
+    def _alloc(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, dtype=self.cache_dtype)
+
+    def _host(self, tensor: Any) -> np.ndarray:
+        return np.asarray(tensor)
+
+    def _call(self, feeds: dict[str, Any]) -> tuple[np.ndarray, list[Any]]:
         raise NotImplementedError
 
-    def get_input_metadata_impl(self):
-        return self.input_metadata
+    # -- Polygraphy protocol ------------------------------------------------------------------------
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        meta = TensorMetadata()
+        for spec in self.layout.io_spec(self.config).inputs:
+            dims = [d if isinstance(d, int) else None for d in spec.dims]
+            meta.add(spec.name, np.dtype(self.cache_dtype if spec.name.startswith("past_") else spec.dtype), dims)
+        return meta
 
-    def infer_impl(self, feed_dict):
-        batch = batch_from_feed(feed_dict, self.plan)
-        step = self.make_stepper()
-        c = self.config
-        start = time.perf_counter()
-        cache = empty_cache(c.num_hidden_layers, len(batch.input_ids), c.num_key_value_heads, c.head_dim,
-                            dtype=self.cache_dtype)
-        result = prefill_then_decode(step, batch, cache, self.plan.decode_tokens, steps=self.plan.steps)
-        full_logits, _ = step(*_step_args(one_pass_batch(batch, self.plan.decode_tokens)),
-                              empty_cache(c.num_hidden_layers, len(batch.input_ids), c.num_key_value_heads,
-                                          c.head_dim, dtype=self.cache_dtype))
-        self.inference_time = time.perf_counter() - start
-        n = batch.input_ids.shape[1]
-        outputs = OrderedDict()
-        # left padding is not part of the model's semantics: its logits and cache rows are whatever a
-        # fully masked softmax gives on each backend, so they are zeroed before any comparison
-        outputs[PREFILL] = _f32(result.logits[0]) * batch.attention_mask[:, :, None]
-        outputs[RAW_PREFILL] = _f32(result.logits[0])  # the graph's own output name, for `polygraphy run`
-        for i, logits in enumerate(result.logits[1:], start=1):
-            outputs[decode_name(i)] = _f32(logits)
-        outputs[ONE_PASS] = _f32(full_logits[:, n - 1:])
-        real = one_pass_batch(batch, self.plan.decode_tokens).attention_mask[:, None, :, None].astype(np.float32)
-        for i in range(c.num_hidden_layers):
-            outputs[f"present.{i}.key"] = _f32(result.present[2 * i]) * real
-            outputs[f"present.{i}.value"] = _f32(result.present[2 * i + 1]) * real
-        return outputs
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
+        """One call of the graph on a raw feed dict (what ``polygraphy run`` would feed)."""
+        logits, present = self._call(dict(feed_dict))
+        out = OrderedDict(logits=logits)
+        for i in range(self.config.num_hidden_layers):
+            out[f"present.{i}.key"] = np.asarray(self._host(present[2 * i]), dtype=np.float32)
+            out[f"present.{i}.value"] = np.asarray(self._host(present[2 * i + 1]), dtype=np.float32)
+        return out
 
 
-def _step_args(batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return batch.input_ids, batch.position_ids, batch.attention_mask
+# --------------------------------------------------------------------------------------------
+# PyTorch
+# --------------------------------------------------------------------------------------------
+class PyTorchRunner(DecoderRunner):
+    """The fp32 PyTorch model (``llmtrt.exporter.model``): the reference every artifact is held to."""
+
+    def __init__(self, source: ModelSource | None = None, *, model: Any = None, max_positions: int | None = None,
+                 layout: KVLayout | str = "dynamic", name: str = "pytorch-fp32") -> None:
+        if (source is None) == (model is None):
+            raise ValueError("give a ModelSource or a loaded model")
+        config = source.config if source is not None else model.config
+        if model is not None:
+            max_positions = max_positions or int(model.rope_cos.shape[0])
+        kind = ("a loaded model" if source is None else f"weights {source.checkpoint_dir}" if source.is_checkpoint
+                else f"random init seed {source.seed}")
+        layout = get_layout(layout) if isinstance(layout, str) else layout
+        super().__init__(config, layout, max_positions or config.max_position_embeddings, name,
+                         f"PyTorch fp32 {config.name} ({kind})")
+        self.source, self.model = source, model
+        self._owns_model = model is None
+
+    def activate_impl(self) -> None:
+        if self.model is None:
+            from llmtrt.exporter.weights import load_model
+
+            self.model = load_model(self.source, max_positions=self.max_positions)
+
+    def deactivate_impl(self) -> None:
+        if self._owns_model:
+            self.model = None
+
+    def _alloc(self, shape):
+        import torch
+
+        return torch.zeros(shape, dtype=torch.float32)
+
+    def _host(self, tensor):
+        return tensor.detach().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+
+    def _call(self, feeds):
+        import torch
+
+        def t(x):
+            return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+        past = [t(feeds[f"past_key_values.{i}.{kv}"]) for i in range(self.config.num_hidden_layers)
+                for kv in ("key", "value")]
+        extra = [t(feeds[name]) for name in self.layout.extra_inputs]
+        with torch.no_grad():
+            logits, present = self.model(t(feeds["input_ids"]), t(feeds["position_ids"]), t(feeds["attention_mask"]),
+                                         [p.float() for p in past], *extra)
+        return logits.numpy(), list(present)
 
 
-def _f32(array: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(array, dtype=np.float32))
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime
+# --------------------------------------------------------------------------------------------
+PROVIDERS = {"auto": None, "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-class PyTorchRunner(DecodeLoopRunner):
-    """The fp32 PyTorch model (llmtrt.exporter.model) behind an artifact: the reference every backend is held to."""
+def ort_session(onnx_path: str | Path, *, provider: str = "cpu", threads: int | None = None,
+                keep_all_tensors: bool = False, options: Any = None, model_bytes: bytes | None = None) -> Any:
+    """The one place llmtrt opens an ONNX Runtime session; errors name the file."""
+    import onnxruntime as ort
 
-    def __init__(self, model_source: str, plan: DecodePlan, input_metadata: TensorMetadata, *, seed: int = 0,
-                 max_positions: int | None = None, name: str = "pytorch-fp32") -> None:
-        from llmtrt.exporter.config import resolve_model
+    available = ort.get_available_providers()
+    if provider not in PROVIDERS:
+        raise LlmtrtUserError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    name = PROVIDERS[provider] or ("CUDAExecutionProvider" if "CUDAExecutionProvider" in available
+                                   else "CPUExecutionProvider")
+    if name not in available:
+        raise LlmtrtUserError(f"--provider {provider}: this onnxruntime has no {name} (available: "
+                              f"{', '.join(available)}); pip install onnxruntime-gpu, or use --provider cpu")
+    so = options or ort.SessionOptions()
+    so.log_severity_level = 3  # static caches log a TensorScatter copy note per node per step
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # long runs on shared CPUs
+    if threads:
+        so.intra_op_num_threads = threads
+    if keep_all_tensors:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(model_bytes if model_bytes is not None else str(onnx_path), so,
+                                    providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+        reason = str(exc).split("\n")[0][:300]
+        raise LlmtrtUserError(f"{onnx_path}: ONNX Runtime cannot load it ({reason})") from None
 
-        self.source = resolve_model(model_source, seed=seed)
-        super().__init__(plan, input_metadata, self.source.config, name=name)
-        self.max_positions = max_positions
-        self.model = None
-        kind = f"weights {self.source.checkpoint_dir}" if self.source.is_checkpoint else f"random init seed {seed}"
-        self.description = f"PyTorch fp32 {model_source} ({kind})"
 
-    def activate_impl(self):
-        from llmtrt.exporter.weights import load_model
+class OnnxRuntimeRunner(DecoderRunner):
+    """An exported (or precision-converted) ONNX graph in ONNX Runtime."""
 
-        self.model = load_model(self.source, max_positions=self.max_positions)
-
-    def deactivate_impl(self):
-        self.model = None
-
-    def make_stepper(self) -> Stepper:
-        return torch_stepper(self.model)  # the reference always runs the growing cache
-
-
-def ort_session_loader(onnx_path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)
-                       ) -> Callable[[], object]:
-    """A lazy loader (Polygraphy style) for an ONNX Runtime session; errors name the file."""
-
-    def load():
+    def __init__(self, onnx_path: str | Path, config: ModelConfig, layout: KVLayout | str = "dynamic", *,
+                 max_positions: int | None = None, provider: str = "cpu", threads: int | None = None,
+                 name: str = "onnxruntime", session_factory: Callable[[], Any] | None = None,
+                 label: str = "") -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # static caches log a TensorScatter copy note per node per step
-        try:
-            return ort.InferenceSession(str(onnx_path), options, providers=list(providers))
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise LlmtrtUserError(f"{onnx_path}: ONNX Runtime cannot load it ({str(exc)[:300]})") from None
-
-    return load
-
-
-class OnnxRuntimeRunner(DecodeLoopRunner):
-    """An exported (or precision-converted) ONNX directory in ONNX Runtime."""
-
-    def __init__(self, onnx_path: str | Path, config: ModelConfig, plan: DecodePlan, *, name: str = "onnxruntime",
-                 session_loader: Callable[[], object] | None = None) -> None:
-        import onnxruntime as ort
+        from llmtrt.pipelines.engine.profiles import max_positions_from_file
 
         self.onnx_path = Path(onnx_path)
-        super().__init__(plan, graph_input_metadata(self.onnx_path), config, name=name)
-        if "past_key_values.0.key" in self.input_metadata:
-            self.cache_dtype = np.dtype(self.input_metadata["past_key_values.0.key"].dtype.numpy())
-        self.session_loader = session_loader or ort_session_loader(self.onnx_path)
+        layout = get_layout(layout) if isinstance(layout, str) else layout
+        max_positions = max_positions or max_positions_from_file(self.onnx_path) or config.max_position_embeddings
+        super().__init__(config, layout, max_positions, name,
+                         f"ONNX Runtime {ort.__version__} {provider} ({self.onnx_path}{label}, {layout.name} cache)")
+        self.provider, self.threads = provider, threads
+        self._factory = session_factory or (lambda: ort_session(self.onnx_path, provider=provider, threads=threads))
         self.session = None
-        self.description = f"ONNX Runtime {ort.__version__} CPU ({self.onnx_path}, {plan.kv_cache} cache)"
+        self._types: dict[str, Any] = {}
 
-    def activate_impl(self):
-        self.session = self.session_loader()
+    @classmethod
+    def from_artifact(cls, directory: str | Path, **kwargs: Any) -> OnnxRuntimeRunner:
+        """The runner for an ONNX artifact directory, as its manifest describes it."""
+        from llmtrt.pipelines.artifacts import load_exported
 
-    def deactivate_impl(self):
+        exported = load_exported(directory)
+        return cls(exported.onnx_path, exported.config, exported.kv_cache,
+                   label=f", {exported.dialect} ops", **kwargs)
+
+    def activate_impl(self) -> None:
+        self.session = self._factory()
+        self._types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        past = self._types.get("past_key_values.0.key")
+        self.cache_dtype = past if past is not None else np.float32
+        if self.session.get_providers()[0] != "CPUExecutionProvider":
+            self.description = self.description.replace(f" {self.provider} ", f" {self.session.get_providers()[0]} ")
+
+    def deactivate_impl(self) -> None:
         self.session = None
 
-    def make_stepper(self) -> Stepper:
-        if self.plan.kv_cache == "static":
-            return static_cache_adapter(ort_static_stepper(self.session), self.plan.max_cache_len)
-        return ort_stepper(self.session)
+    def _call(self, feeds):
+        feeds = {k: np.asarray(v).astype(self._types.get(k, np.asarray(v).dtype), copy=False)
+                 for k, v in feeds.items() if k in self._types}
+        outs = self.session.run(None, feeds)
+        return np.asarray(outs[0], dtype=np.float32), outs[1:]
 
 
-def tensorrt_unavailable(engine_dir: str | Path) -> str | None:
-    """Why a TensorRT engine cannot run here (None when it can): engines need a CUDA GPU."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return f"no CUDA GPU on this machine, so the engine in {engine_dir} cannot run (validated ONNX Runtime only)"
-    return None
+# --------------------------------------------------------------------------------------------
+# choosing a runner
+# --------------------------------------------------------------------------------------------
+def artifact_kind(path: str | Path) -> str:
+    """"onnx" (manifest.json) or "engine" (engine.<precision>.json); a user error otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LlmtrtUserError(f"{path}: no such artifact directory; pass a directory written by `llmtrt export` "
+                              "(manifest.json) or `llmtrt build` (engine.<precision>.plan/.json)")
+    if (path / "manifest.json").is_file():
+        return "onnx"
+    if any(path.glob("engine.*.json")):
+        return "engine"
+    raise LlmtrtUserError(f"{path}: neither manifest.json nor engine.<precision>.json here; pass a directory "
+                          "written by `llmtrt export`, `llmtrt quantize` or `llmtrt build`")
 
 
-class TensorRTRunner(DecodeLoopRunner):
-    """A ``llmtrt build`` engine directory, run through llmtrt.pipelines.runtime.generate's engine executor (needs a GPU)."""
+def open_runner(path: str | Path, *, provider: str = "cpu", threads: int | None = None,
+                precision: str | None = None) -> DecoderRunner:
+    """The runner for an artifact directory (ONNX or engine), chosen from what its manifest says it is."""
+    if artifact_kind(path) == "onnx":
+        return OnnxRuntimeRunner.from_artifact(path, provider=provider, threads=threads)
+    from llmtrt.pipelines.runtime.engine_runner import TensorRTRunner
 
-    def __init__(self, engine_dir: str | Path, config: ModelConfig, plan: DecodePlan, input_metadata: TensorMetadata,
-                 *, precision: str | None = None, name: str = "tensorrt") -> None:
-        super().__init__(plan, input_metadata, config, name=name)
-        self.engine_dir = Path(engine_dir)
-        self.precision = precision
-        self.engine = None
-        self.description = f"TensorRT engine {self.engine_dir}"
+    return TensorRTRunner(path, precision=precision)
 
-    def activate_impl(self):
-        from llmtrt.pipelines.runtime.generate import TensorRTRunner as EngineExecutor
 
-        self.engine = EngineExecutor(self.engine_dir, self.precision)
-        self.cache_dtype = self.engine.cache_dtype
-        self.description = self.engine.description
+def reference_runner(manifest: dict[str, Any], where: str | Path, max_positions: int | None = None) -> PyTorchRunner:
+    """The fp32 PyTorch model an artifact's manifest names (checked to be the same model)."""
+    from llmtrt.pipelines.artifacts import open_model_source
 
-    def deactivate_impl(self):
-        if self.engine is not None:
-            self.engine.close()
-        self.engine = None
-        self.cache_dtype = np.float32
-        self.description = f"TensorRT engine {self.engine_dir}"
-
-    def make_stepper(self) -> Stepper:
-        # the executor's stepper applies static_cache_adapter itself for a static-cache engine
-        return self.engine.stepper(self.plan.max_cache_len)
+    return PyTorchRunner(open_model_source(manifest, where), max_positions=max_positions)

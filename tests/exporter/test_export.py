@@ -5,7 +5,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from llmtrt.exporter.config import resolve_model
@@ -13,13 +12,8 @@ from llmtrt.exporter.errors import LlmtrtUserError
 from llmtrt.exporter.onnx_export import ExportOptions, export, export_model
 from llmtrt.exporter.weights import load_model
 from llmtrt.pipelines.artifacts import export_artifact, load_exported, write_export_manifest
-from llmtrt.pipelines.runtime.decoding import (
-    Batch,
-    empty_cache,
-    ort_stepper,
-    prefill_then_decode,
-    torch_stepper,
-)
+from llmtrt.pipelines.runtime.decoding import Batch
+from tests.conftest import run_ort, run_torch
 
 TOL = 1e-4
 DIALECTS = ("custom", "standard", "decomposed")
@@ -36,10 +30,6 @@ def exported(request, tmp_path_factory, tiny_model):
     return export_model(tiny_model, out, ExportOptions(dialect=request.param))
 
 
-def session(path):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.parametrize("prompts", [[[7, 8, 9, 10, 11]], [[5, 9, 11, 3, 7, 2], [17, 4], [1, 2, 3, 4]]],
                          ids=["batch1", "batch3_left_padded"])
 def test_onnxruntime_matches_pytorch(exported, tiny_model, prompts):
@@ -47,9 +37,8 @@ def test_onnxruntime_matches_pytorch(exported, tiny_model, prompts):
     batch = Batch.left_padded(prompts)
     n = len(prompts)
     decode = np.arange(4 * n, dtype=np.int64).reshape(n, 4) % cfg.vocab_size + 30
-    cache = empty_cache(cfg.num_hidden_layers, n, cfg.num_key_value_heads, cfg.head_dim)
-    ref = prefill_then_decode(torch_stepper(tiny_model), batch, cache, decode, steps=4)
-    got = prefill_then_decode(ort_stepper(session(exported.onnx_path)), batch, cache, decode, steps=4)
+    ref = run_torch(tiny_model, batch, decode, 4)
+    got = run_ort(exported.onnx_path, cfg, batch, decode, 4)
     valid = batch.attention_mask.astype(bool)
     assert np.abs(got.logits[0] - ref.logits[0])[valid].max() <= TOL
     for a, b in zip(got.logits[1:], ref.logits[1:], strict=False):
@@ -109,9 +98,8 @@ def test_external_data_round_trip(tmp_path, tiny_model):
     assert (tmp_path / "model.onnx.data").is_file()
     cfg = tiny_model.config
     batch = Batch.left_padded([[1, 2, 3]])
-    cache = empty_cache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim)
-    got = prefill_then_decode(ort_stepper(session(exp.onnx_path)), batch, cache)
-    ref = prefill_then_decode(torch_stepper(tiny_model), batch, cache)
+    got = run_ort(exp.onnx_path, cfg, batch)
+    ref = run_torch(tiny_model, batch)
     assert np.abs(got.logits[0] - ref.logits[0]).max() <= TOL
 
 
@@ -122,9 +110,8 @@ def test_hf_checkpoint_export_matches(hf_checkpoint, tmp_path):
     model = load_model(source)
     cfg = source.config
     batch = Batch.left_padded([[4, 5, 6, 7], [8, 9]])
-    cache = empty_cache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
-    got = prefill_then_decode(ort_stepper(session(exp.onnx_path)), batch, cache, steps=3)
-    ref = prefill_then_decode(torch_stepper(model), batch, cache, steps=3)
+    got = run_ort(exp.onnx_path, cfg, batch, steps=3)
+    ref = run_torch(model, batch, steps=3)
     assert all(np.abs(a - b)[..., :].max() <= TOL for a, b in zip(got.logits[1:], ref.logits[1:], strict=False))
 
 
@@ -167,12 +154,6 @@ def test_failed_export_leaves_the_previous_artifact(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_static_kv_cache_matches_growing_cache(tmp_path, tiny_model, dialect):
     """--kv-cache static: same logits as the PyTorch model, prefill + decode, left-padded batch of 3."""
-    from llmtrt.pipelines.runtime.decoding import (
-        ort_static_stepper,
-        static_cache_adapter,
-        torch_static_stepper,
-    )
-
     exp = export_model(tiny_model, tmp_path, ExportOptions(dialect=dialect, kv_cache="static"))
     proto = onnx.load(str(exp.onnx_path))
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input}
@@ -184,11 +165,9 @@ def test_static_kv_cache_matches_growing_cache(tmp_path, tiny_model, dialect):
     prompts = [[5, 9, 11, 3, 7, 2], [17, 4], [1, 2, 3, 4]]
     batch = Batch.left_padded(prompts)
     decode = np.array([[3, 1, 4, 1], [5, 9, 2, 6], [5, 3, 5, 8]], dtype=np.int64)
-    cache = empty_cache(cfg.num_hidden_layers, 3, cfg.num_key_value_heads, cfg.head_dim)
-    ref = prefill_then_decode(torch_stepper(tiny_model), batch, cache, decode, steps=4)
-    eager = prefill_then_decode(static_cache_adapter(torch_static_stepper(tiny_model), 16), batch, cache, decode, 4)
-    got = prefill_then_decode(static_cache_adapter(ort_static_stepper(session(exp.onnx_path)), 16),
-                              batch, cache, decode, steps=4)
+    ref = run_torch(tiny_model, batch, decode, 4)
+    eager = run_torch(tiny_model, batch, decode, 4, layout="static", capacity=16)
+    got = run_ort(exp.onnx_path, cfg, batch, decode, 4, layout="static", capacity=16)
     valid = batch.attention_mask.astype(bool)
     for res in (eager, got):
         assert np.abs(res.logits[0] - ref.logits[0])[valid].max() <= TOL

@@ -11,7 +11,8 @@ import torch
 
 from llmtrt.exporter.config import resolve_model
 from llmtrt.exporter.weights import load_model
-from llmtrt.pipelines.runtime.decoding import Batch, empty_cache, prefill_then_decode, torch_stepper
+from llmtrt.pipelines.runtime.decoding import Batch
+from tests.conftest import run_torch
 
 TOL = 1e-4
 
@@ -56,12 +57,9 @@ def test_logits_match_transformers(hf_checkpoint, shape):
     ckpt = hf_checkpoint(shape, **SHAPES[shape])
     hf = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
     source = resolve_model(str(ckpt))
-    cfg = source.config
     model = load_model(source)
     batch = Batch.left_padded(PROMPTS)
-    ours = prefill_then_decode(torch_stepper(model), batch,
-                               empty_cache(cfg.num_hidden_layers, 3, cfg.num_key_value_heads, cfg.head_dim),
-                               DECODE, steps=DECODE.shape[1])
+    ours = run_torch(model, batch, DECODE, DECODE.shape[1])
     theirs = hf_cached_logits(hf, batch, DECODE)
     valid = batch.attention_mask.astype(bool)
     prefill_err = np.abs(ours.logits[0] - theirs[0])[valid].max()
@@ -74,15 +72,11 @@ def test_logits_match_transformers(hf_checkpoint, shape):
 
 def test_kv_cache_consistency_prefill_plus_decode_equals_full_forward():
     source = resolve_model("tiny")
-    cfg = source.config
     model = load_model(source)
-    step = torch_stepper(model)
     full = Batch.left_padded([[3, 4, 5, 6, 7, 8, 9, 10]])
-    one_shot, _ = step(full.input_ids, full.position_ids, full.attention_mask,
-                       empty_cache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim))
+    one_shot = run_torch(model, full).logits[0]
     prefix = Batch.left_padded([[3, 4, 5]])
-    res = prefill_then_decode(step, prefix, empty_cache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim),
-                              np.array([[6, 7, 8, 9, 10]]), steps=5)
+    res = run_torch(model, prefix, np.array([[6, 7, 8, 9, 10]]), 5)
     stepped = np.concatenate(res.logits, axis=1)
     assert stepped.shape == one_shot.shape
     np.testing.assert_allclose(stepped, one_shot, atol=1e-5, rtol=0)

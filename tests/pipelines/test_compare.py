@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from llmtrt import configs
+from llmtrt.exporter.config import resolve_model
 from llmtrt.exporter.errors import LlmtrtUserError
 from llmtrt.pipelines.checks.compare import (
     DEFAULT_THRESHOLDS,
@@ -23,11 +24,11 @@ from llmtrt.pipelines.checks.compare import (
     log_softmax,
     parse_thresholds,
     perplexity,
-    pytorch_runner,
     read_eval_tokens,
     windows,
 )
 from llmtrt.pipelines.cli import main
+from llmtrt.pipelines.runtime.runners import PyTorchRunner
 from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer
 
 EVAL = configs.path("text", "eval.txt")
@@ -246,7 +247,7 @@ def artifacts(fp32_dir):
 
 def test_fp32_onnx_matches_pytorch(fp32_dir):
     tokens = read_eval_tokens(EVAL, ByteTokenizer(), max_tokens=SLICE)
-    m = evaluate(fp32_dir, tokens, seq_len=256, reference=pytorch_runner("bytes-llama"))
+    m = evaluate(fp32_dir, tokens, seq_len=256, reference=PyTorchRunner(resolve_model("bytes-llama")))
     print(f"fp32 ONNX vs PyTorch on {m.tokens} predictions: ppl {m.perplexity:.6f} ({m.perplexity_increase:+.2e}), "
           f"agreement {m.top1_agreement}, max logit err {m.max_abs_logit_error:.2e}")
     assert m.tokens == SLICE - SLICE // 256
@@ -366,7 +367,7 @@ def test_static_kv_cache_artifact_runs_and_matches_pytorch(tmp_path, fp32_dir):
 
     export_artifact(resolve_model("tiny"), tmp_path, ExportOptions(kv_cache="static", max_positions=64))
     tokens = read_eval_tokens(EVAL, ByteTokenizer(), max_tokens=200)
-    m = evaluate(tmp_path, tokens, seq_len=32, reference=pytorch_runner("tiny", max_positions=64))
+    m = evaluate(tmp_path, tokens, seq_len=32, reference=PyTorchRunner(resolve_model("tiny"), max_positions=64))
     assert m.tokens == 200 - 7  # 6 full windows of 32 and a tail of 8
     assert abs(m.perplexity_increase) <= 1e-5 and m.top1_agreement == 1.0 and m.max_abs_logit_error < 1e-4
     with pytest.raises(LlmtrtUserError, match="a different model than the fp32 artifact"):

@@ -22,9 +22,8 @@ from llmtrt.pipelines.runtime.generate import (
     eos_token_ids,
     generate,
     generate_ids,
-    open_artifact,
-    open_model,
 )
+from llmtrt.pipelines.runtime.runners import PyTorchRunner, open_runner
 from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +56,7 @@ def artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def torch_runner():
-    with open_model("bytes-llama") as runner:
+    with PyTorchRunner(resolve_model("bytes-llama")) as runner:
         yield runner
 
 
@@ -92,7 +91,7 @@ def test_pytorch_greedy_matches_the_documented_continuation(torch_runner):
 
 @pytest.mark.parametrize("kind", ["custom", "static"])
 def test_greedy_onnx_equals_pytorch_token_for_token(artifacts, reference, kind):
-    with open_artifact(artifacts[kind], provider="cpu") as runner:
+    with open_runner(artifacts[kind], provider="cpu") as runner:
         result = generate_ids(runner, [PROMPT], max_new_tokens=NEW)
     assert len(reference) == NEW
     assert result.tokens[0] == reference
@@ -103,7 +102,7 @@ def test_greedy_onnx_equals_pytorch_token_for_token(artifacts, reference, kind):
 
 def test_left_padded_batch_equals_single_prompts(artifacts):
     prompts = [PROMPT, list(EVAL[200:217])]
-    with open_artifact(artifacts["custom"], provider="cpu") as runner:
+    with open_runner(artifacts["custom"], provider="cpu") as runner:
         batched = generate_ids(runner, prompts, max_new_tokens=12)
         singles = [generate_ids(runner, [p], max_new_tokens=12).tokens[0] for p in prompts]
     assert batched.tokens == singles
@@ -115,7 +114,7 @@ def test_sampling_is_seeded_and_matches_across_backends(artifacts, torch_runner)
         return generate_ids(runner, [PROMPT], max_new_tokens=NEW,
                             sampling=Sampling(greedy=False, temperature=1.0, top_p=0.95, seed=seed)).tokens[0]
 
-    with open_artifact(artifacts["custom"], provider="cpu") as runner:
+    with open_runner(artifacts["custom"], provider="cpu") as runner:
         first, again, other = sample(runner, 1), sample(runner, 1), sample(runner, 2)
     assert first == again
     assert first != other
@@ -123,7 +122,7 @@ def test_sampling_is_seeded_and_matches_across_backends(artifacts, torch_runner)
 
 
 def test_tiny_top_p_equals_greedy(artifacts, reference):
-    with open_artifact(artifacts["custom"], provider="cpu") as runner:
+    with open_runner(artifacts["custom"], provider="cpu") as runner:
         result = generate_ids(runner, [PROMPT], max_new_tokens=NEW,
                               sampling=Sampling(greedy=False, temperature=0.7, top_p=1e-6, seed=5))
     assert result.tokens[0] == reference
@@ -146,7 +145,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_eos_stops_generation(artifacts, reference):
     eos = reference[5]
     first = reference.index(eos)
-    with open_artifact(artifacts["custom"], provider="cpu") as runner:
+    with open_runner(artifacts["custom"], provider="cpu") as runner:
         result = generate_ids(runner, [PROMPT], max_new_tokens=NEW, eos_ids=[eos])
     assert result.tokens[0] == reference[:first]
     assert result.stop_reasons == ["eos"]
@@ -169,7 +168,7 @@ def test_eos_from_generation_config_stops_the_cli(tmp_path, reference):
 
 def test_stops_when_the_graph_positions_run_out(artifacts, reference, torch_runner):
     prompt = list(EVAL[:STATIC_MAX_SEQ - 6])
-    with open_artifact(artifacts["static"], provider="cpu") as runner:
+    with open_runner(artifacts["static"], provider="cpu") as runner:
         assert runner.max_positions == STATIC_MAX_SEQ
         result = generate_ids(runner, [prompt], max_new_tokens=NEW)
         with pytest.raises(LlmtrtUserError, match="holds 96 positions"):
@@ -241,7 +240,7 @@ def test_text_stream_for_other_tokenizers_holds_back_partial_characters():
 
 def test_generate_text_api_accepts_a_list_of_prompts(artifacts):
     seen: dict[int, str] = {0: "", 1: ""}
-    with open_artifact(artifacts["custom"], provider="cpu") as runner:
+    with open_runner(artifacts["custom"], provider="cpu") as runner:
         result = generate(runner, ByteTokenizer(), ["The for statement", "x"], max_new_tokens=8,
                           on_text=lambda row, chunk: seen.__setitem__(row, seen[row] + chunk))
     assert [seen[0], seen[1]] == result.texts
@@ -271,7 +270,7 @@ def _fake_engine_dir(tmp_path: Path, onnx_dir: Path) -> Path:
     backend = "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "tensorrt-rtx"
     (engines / "engine.fp32.json").write_text(json.dumps({
         "kind": "tensorrt-engine", "plan": "engine.fp32.plan", "precision": "fp32", "backend": {"name": backend},
-        "onnx": str(onnx_dir / "model.onnx"), "profiles": []}))
+        "onnx": str(onnx_dir / "model.onnx"), "profiles": [], "kv_cache": "dynamic"}))
     return engines
 
 
@@ -295,5 +294,5 @@ def test_engine_greedy_equals_pytorch_on_gpu(tmp_path, artifacts, reference):
 
     build_engine(artifacts["custom"] / "model.onnx", tmp_path / "engines", precision="fp32",
                  profiles=default_profiles(1, 64, 128), max_positions=128)
-    with open_artifact(tmp_path / "engines") as runner:
+    with open_runner(tmp_path / "engines") as runner:
         assert generate_ids(runner, [PROMPT], max_new_tokens=NEW).tokens[0] == reference
