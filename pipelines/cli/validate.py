@@ -68,7 +68,8 @@ def validate(artifact_dir: str, engine: str | None, text: str | None, prompt: st
       polygraphy run ARTIFACT_DIR/model.onnx --onnxrt --load-inputs DIR/inputs.json \\
           --load-outputs DIR/reference_outputs.json --atol 1e-4 --rtol 1e-3 --check-error-stat max
     """
-    from llmtrt.pipelines.checks.validate import ValidateOptions, parse_overrides
+    from llmtrt.pipelines.checks.tolerances import parse_overrides
+    from llmtrt.pipelines.checks.validate import ValidateOptions
     from llmtrt.pipelines.checks.validate import validate as run_validate
 
     if text is not None and prompt is not None:

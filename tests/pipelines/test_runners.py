@@ -11,7 +11,9 @@ import pytest
 from llmtrt.exporter.config import resolve_model
 from llmtrt.exporter.errors import LlmtrtUserError
 from llmtrt.exporter.kv_cache import get_layout
-from llmtrt.pipelines.checks.validate import GroupTolerance, _kv_consistency, parse_overrides, text_prompts
+from llmtrt.pipelines.checks.comparisons import _kv_consistency
+from llmtrt.pipelines.checks.tolerances import GroupTolerance, parse_overrides
+from llmtrt.pipelines.checks.validate import text_prompts
 from llmtrt.pipelines.checks.validation_runner import (
     ONE_PASS,
     PREFILL,

@@ -18,7 +18,8 @@ from llmtrt.exporter.config import resolve_model
 from llmtrt.exporter.errors import LlmtrtUserError
 from llmtrt.exporter.onnx_export import ExportOptions
 from llmtrt.pipelines.artifacts import export_artifact
-from llmtrt.pipelines.checks.validate import DEFAULT_TOLERANCES, ValidateOptions, load_tolerances, validate
+from llmtrt.pipelines.checks.tolerances import DEFAULT_TOLERANCES, load_tolerances
+from llmtrt.pipelines.checks.validate import ValidateOptions, validate
 from llmtrt.pipelines.cli import main
 
 FAST = ValidateOptions(batch=2, decode_steps=3, prompt_tokens=12)
@@ -63,36 +64,58 @@ def test_fp32_artifacts_pass(exports, variant, tmp_path):
     assert not list((tmp_path / "v").glob(".validate-*"))  # staging removed
 
 
-def test_saved_inputs_are_the_prefill_feed_and_replay_in_onnxruntime(exports, tmp_path):
-    """inputs.json is the graph's prefill feed (Polygraphy JSON); running it reproduces reference_outputs.json."""
+def test_saved_inputs_are_unpadded_steps_that_replay_in_onnxruntime(exports, tmp_path):
+    """inputs.json holds, per prompt, its prefill and each decode step on the reference's cache (no
+    padding); running each feed in ONNX Runtime reproduces reference_outputs.json."""
     import onnxruntime as ort
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
 
     validate(exports["custom"], ValidateOptions(batch=2, decode_steps=2, prompt_tokens=10, out_dir=tmp_path))
     feeds = load_json(str(tmp_path / "inputs.json"))
-    assert len(feeds) == 1
-    feed = feeds[0]
+    assert len(feeds) == 2 * 3  # 2 prompts x (prefill + 2 decode steps)
     session = ort.InferenceSession(str(exports["custom"] / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert set(feed) == {i.name for i in session.get_inputs()}
-    assert feed["attention_mask"].shape == feed["input_ids"].shape  # prefill: nothing cached
-    assert feed["past_key_values.0.key"].shape[2] == 0
-    logits = session.run(["logits"], dict(feed))[0]
-    reference = RunResults.load(str(tmp_path / "reference_outputs.json"))
-    ref_logits = reference["pytorch-fp32"][0]["logits"]
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
+    assert set(feeds[0]) == {i.name for i in session.get_inputs()}
+    assert [f["input_ids"].shape[1] for f in feeds] == [10, 1, 1, 5, 1, 1]
+    assert all(f["attention_mask"].all() for f in feeds)  # no padding anywhere
+    assert [f["past_key_values.0.key"].shape[2] for f in feeds] == [0, 10, 11, 0, 5, 6]
+    reference = RunResults.load(str(tmp_path / "reference_outputs.json"))["pytorch-fp32"]
+    for feed, ref in zip(feeds, reference, strict=True):
+        logits = session.run(["logits"], dict(feed))[0]
+        np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
     report = json.loads((tmp_path / "validation.json").read_text())
     assert report["files"]["reproduce"].startswith("polygraphy run ")
-    assert "--load-inputs" in report["files"]["reproduce"]
 
 
 def test_static_feed_carries_write_indices(exports, tmp_path):
     from polygraphy.json import load_json
 
     validate(exports["static"], ValidateOptions(batch=2, decode_steps=2, prompt_tokens=10, out_dir=tmp_path))
-    feed = load_json(str(tmp_path / "inputs.json"))[0]
-    assert feed["write_indices"].tolist() == [0, 0]
-    assert feed["past_key_values.0.key"].shape[2] == feed["attention_mask"].shape[1] == 12  # 10 + 2 slots
+    feeds = load_json(str(tmp_path / "inputs.json"))
+    assert [f["write_indices"].tolist() for f in feeds[:3]] == [[0], [10], [11]]
+    assert feeds[0]["past_key_values.0.key"].shape[2] == feeds[0]["attention_mask"].shape[1] == 12  # 10 + 2 slots
+
+
+@pytest.mark.parametrize("fault", [None, "interleaved_rope", "position_off_by_one"])
+def test_printed_reproduction_gives_validates_verdict(exports, tmp_path, fault):
+    """The command validate prints, run as printed, agrees with validate: a good artifact passes, a
+    planted fault fails (the old padded replay failed good artifacts at padding positions)."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from tools.plant_fault import plant
+
+    artifact = exports["standard"]
+    if fault is not None:
+        artifact = tmp_path / "faulty"
+        plant(exports["standard"], fault, artifact)
+    report = validate(artifact, ValidateOptions(batch=2, decode_steps=2, prompt_tokens=10, out_dir=tmp_path / "v"))
+    command = shlex.split(report.files["reproduce"])
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert (proc.returncode == 0) == bool(report) == (fault is None), proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def _corrupt_weight(model):

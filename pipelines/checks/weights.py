@@ -1,0 +1,138 @@
+"""Every weight of a graph against the source checkpoint it was made from.
+
+    findings = check_weights(graph, artifact_dir, manifest, source)
+
+Which checkpoint tensor an initializer stands for comes from its name (the exporter names linear
+weights ``<module>.weight_t`` = W^T, norms and embeddings by their checkpoint names, a tied lm_head
+shares ``model.embed_tokens.weight``) or, for quantized graphs, from the weight map the precision step
+writes into the manifest (``weight_map``: per linear, its source, scheme, scales and smoothing).
+Tensors are read one at a time (graph initializers from external data, checkpoint tensors from
+safetensors), so memory stays about one tensor whatever the model size.
+
+Rules: fp32 bit-exact; fp16/bf16 exactly the source rounded to that type; int8/int4 dequantized within
+half a quantization step (+ fp32 rounding) of the source scaled by its smoothing factor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtrt.pipelines.checks.findings import Finding
+
+_FLOATS = {1: np.float32, 10: np.float16, 16: "bfloat16"}
+
+
+class SourceTensors:
+    """Checkpoint tensors by name, fp32, one at a time: safetensors reads, or a seeded random init."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+        self._state = None
+        if source.checkpoint_dir is not None:
+            from llmtrt.exporter.streaming import Checkpoint
+
+            self._checkpoint = Checkpoint(source.config, source.checkpoint_dir)
+        else:
+            from llmtrt.exporter.weights import load_model
+
+            model = load_model(source)
+            self._state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+    def get(self, name: str) -> np.ndarray:
+        if self.source.config.tie_word_embeddings and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        if self._state is not None:
+            return self._state[name]
+        return np.concatenate([b.ravel() for b in self._checkpoint.fp32_blocks(name, transpose=False)]).reshape(
+            self._checkpoint.shapes[name])
+
+
+def source_of(name: str, config) -> tuple[str, bool] | None:
+    """(checkpoint tensor, transposed) an fp32/half export initializer stands for, or None."""
+    from llmtrt.exporter.weights import expected_shapes
+
+    known = expected_shapes(config)
+    if config.tie_word_embeddings:
+        known["lm_head.weight"] = known["model.embed_tokens.weight"]
+    base = name
+    for suffix in (".fp16", ".bf16"):
+        base = base.removesuffix(suffix)
+    if base.endswith(".weight_t") and base[: -len("_t")] in known:
+        return base[: -len("_t")], True
+    if base in known:
+        return base, False
+    return None
+
+
+def read_initializer(tensor, base_dir: Path) -> np.ndarray:
+    """One initializer's values as float32 (bf16 widened exactly), external data read for it alone."""
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    t = TensorProto()
+    t.CopyFrom(tensor)
+    if uses_external_data(t):
+        load_external_data_for_tensor(t, str(base_dir))
+    if t.data_type == TensorProto.BFLOAT16:
+        raw = np.frombuffer(t.raw_data, dtype=np.uint16) if t.raw_data else np.asarray(t.int32_data, np.uint16)
+        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
+def _rounded(value: np.ndarray, data_type: int) -> np.ndarray:
+    """The source value as the graph's type stores it (fp32 exact, fp16 with clamping, bf16 RNE)."""
+    if data_type == 10:
+        return np.clip(value, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
+    if data_type == 16:
+        bits = value.astype(np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32) << 16
+        return rounded.view(np.float32)
+    return value.astype(np.float32)
+
+
+def check_weights(graph, base_dir: Path, manifest: dict[str, Any], source) -> list[Finding]:
+    """Findings for the weights: one per mismatching tensor, plus one summary finding."""
+    sources = SourceTensors(source)
+    config = source.config
+    weight_map = manifest.get("weight_map") or {}
+    mapped = _quantized_findings(graph, base_dir, weight_map, sources) if weight_map else []
+    covered = {name for entry in weight_map.values() for name in entry.get("initializers", [])}
+    findings, checked, largest = [], 0, 0.0
+    for tensor in graph.graph.initializer:
+        if tensor.name in covered or tensor.data_type not in _FLOATS:
+            continue
+        where = source_of(tensor.name, config)
+        if where is None:
+            continue
+        name, transposed = where
+        have = read_initializer(tensor, base_dir)
+        want = sources.get(name)
+        want = _rounded(want.T if transposed else want, tensor.data_type)
+        checked += 1
+        if have.shape != want.shape:
+            findings.append(Finding("weights", tensor.name, False, f"shape {have.shape}, source {name} gives "
+                                    f"{want.shape}"))
+            continue
+        diff = float(np.abs(have.astype(np.float64) - want).max()) if have.size else 0.0
+        largest = max(largest, diff)
+        if diff != 0.0:
+            row = np.unravel_index(int(np.argmax(np.abs(have - want))), have.shape)
+            findings.append(Finding("weights", tensor.name, False, f"differs from {name}"
+                                    f"{'^T' if transposed else ''} of the source checkpoint by up to {diff:.3g} "
+                                    f"(at {tuple(int(i) for i in row)})", diff))
+    checked += len(weight_map)
+    summary = Finding("weights", f"{checked} tensors", not findings and all(mapped),
+                      f"every weight equals its source ({'exactly' if not weight_map else 'within its quantization'})"
+                      if not findings and all(mapped) else "weights differ from the source checkpoint", largest)
+    return [summary, *findings, *[f for f in mapped if not f]]
+
+
+def _quantized_findings(graph, base_dir: Path, weight_map: dict[str, Any], sources: SourceTensors) -> list[Finding]:
+    """Quantized linears against their smoothed source (see the precision step's weight map)."""
+    from llmtrt.pipelines.checks.weight_map import check_linear
+
+    inits = {t.name: t for t in graph.graph.initializer}
+    return [check_linear(module, entry, inits, base_dir, sources) for module, entry in weight_map.items()]
