@@ -12,14 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from llmtrt import configs
 from llmtrt.exporter.errors import LlmtrtUserError
 
 MODELS_DIR = configs.path("models")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Sizes past these are typos, not models (the largest Llamas: vocab 128k, hidden 16k, 126 layers); they
+# are refused at once instead of hanging in an allocation.
+SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024,
+               "max_position_embeddings": 1 << 24}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -68,10 +71,13 @@ class ModelConfig:
                     f"{self.num_attention_heads}; set head_dim explicitly"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            if getattr(self, key) <= 0:
-                raise LlmtrtUserError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        for key, limit in SIZE_LIMITS.items():
+            value = getattr(self, key)
+            if value <= 0:
+                raise LlmtrtUserError(f"{key} must be a positive integer, got {value}")
+            if value > limit:
+                raise LlmtrtUserError(f"{key} {value} is beyond what llmtrt handles (at most {limit}); "
+                                      "check the value")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LlmtrtUserError(
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
@@ -145,32 +151,19 @@ class ModelConfig:
         }
         _check_types(values, source)
         scaling = _hf_rope_scaling(raw, source)
-        return cls(**values, rope_scaling=scaling, name=name)
+        try:
+            return cls(**values, rope_scaling=scaling, name=name)
+        except LlmtrtUserError as exc:
+            raise LlmtrtUserError(f"{source}: {exc}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
+        """A YAML preset (ModelConfig fields; ``name`` defaults to the file name), errors at file:line."""
+        from llmtrt.exporter.yaml_schema import load_dataclass
+
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise LlmtrtUserError(f"{path}: invalid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise LlmtrtUserError(f"{path}: expected a mapping of ModelConfig fields")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise LlmtrtUserError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-        raw = dict(raw)
-        scaling_raw = raw.pop("rope_scaling", None) or {}
-        if not isinstance(scaling_raw, dict):
-            raise LlmtrtUserError(f"{path}: rope_scaling must be a mapping")
-        scaling_known = {f.name for f in dataclasses.fields(RopeScaling)}
-        bad = sorted(set(scaling_raw) - scaling_known)
-        if bad:
-            raise LlmtrtUserError(f"{path}: unknown key rope_scaling.{bad[0]}; known: {', '.join(sorted(scaling_known))}")
-        _check_types(raw, str(path))
-        raw.setdefault("name", path.stem)
-        return cls(**raw, rope_scaling=RopeScaling(**scaling_raw))
+        config = load_dataclass(cls, path)
+        return config if config.name != "custom" else config.replace(name=path.stem)
 
 
 _FIELD_TYPES = {

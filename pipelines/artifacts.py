@@ -227,4 +227,5 @@ def load_exported(directory: str | Path, manifest: dict[str, Any] | None = None)
     onnx_path = Path(directory) / raw["onnx"]
     if not onnx_path.is_file():
         raise LlmtrtUserError(f"{onnx_path}: listed in {MANIFEST} but missing; re-run the stage that wrote it")
+    load_graph(onnx_path)  # a truncated or foreign file fails here, once, as a user error
     return ExportedModel(onnx_path, config, io, raw["dialect"], raw["opset"], raw.get("stats", {}), raw["kv_cache"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,95 +120,63 @@ def perplexity(token_log_probs: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 # thresholds (configs/compare_thresholds.yaml)
 # --------------------------------------------------------------------------------------------
+_LIMIT = {"min": 0.0}
+_FRACTION = {"min": 0.0, "max": 1.0}
+
+
 @dataclass(frozen=True)
 class Threshold:
     """Limits for one precision against fp32; None means not checked."""
 
-    max_perplexity_increase: float | None = None  # relative: 0.001 = 0.1 %
-    min_top1_agreement: float | None = None
-    max_mean_kl: float | None = None
-    max_abs_logit_error: float | None = None
+    max_perplexity_increase: float | None = field(default=None, metadata=_LIMIT)  # relative: 0.001 = 0.1 %
+    min_top1_agreement: float | None = field(default=None, metadata=_FRACTION)
+    max_mean_kl: float | None = field(default=None, metadata=_LIMIT)
+    max_abs_logit_error: float | None = field(default=None, metadata=_LIMIT)
 
 
 @dataclass(frozen=True)
 class ReferenceCheck:
     """How closely the fp32 ONNX artifact must match the fp32 PyTorch model."""
 
-    max_perplexity_rel_diff: float = 1e-4
-    min_top1_agreement: float = 0.999
-    max_abs_logit_error: float | None = None
+    max_perplexity_rel_diff: float = field(default=1e-4, metadata=_LIMIT)
+    min_top1_agreement: float = field(default=0.999, metadata=_FRACTION)
+    max_abs_logit_error: float | None = field(default=None, metadata=_LIMIT)
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    precisions: Mapping[str, Threshold]
-    pytorch_reference: ReferenceCheck = ReferenceCheck()
-    must_beat: Mapping[str, str] = field(default_factory=dict)  # {"int4-awq": "int4-rtn"}: lower perplexity
-    source: str = "<defaults>"
+    """configs/compare_thresholds.yaml"""
 
+    precisions: dict[str, Threshold]
+    pytorch_reference: ReferenceCheck = field(default_factory=ReferenceCheck)
+    must_beat: dict[str, str] = field(default_factory=dict)  # {"int4-awq": "int4-rtn"}: lower perplexity
+    source: str = field(default="<defaults>", init=False)
 
-_TOP_KEYS = {"precisions": dict, "pytorch_reference": dict, "must_beat": dict}
+    def __post_init__(self) -> None:
+        for better, worse in self.must_beat.items():
+            for name in (better, worse):
+                if name not in self.precisions:
+                    raise LlmtrtUserError(f"must_beat.{better}: {name!r} is not a precision listed under precisions")
 
 
 def load_thresholds(path: str | Path) -> Thresholds:
-    """Parse and check a thresholds YAML: unknown keys and wrong types are errors naming key and file."""
-    import yaml
+    """The thresholds YAML (unknown keys, wrong types and bounds are errors naming file, line and key)."""
+    from llmtrt.exporter.yaml_schema import load_dataclass
 
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LlmtrtUserError(f"{path}: no such thresholds file; see configs/compare_thresholds.yaml") from None
-    except UnicodeDecodeError:
-        raise LlmtrtUserError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise LlmtrtUserError(f"{path}: invalid YAML ({exc})".replace("\n", " ")) from None
-    return parse_thresholds(raw, str(path))
+    thresholds = load_dataclass(Thresholds, path)
+    object.__setattr__(thresholds, "source", str(path))
+    return thresholds
 
 
 def parse_thresholds(raw: Any, source: str) -> Thresholds:
-    def fail(key: str, message: str):
-        raise LlmtrtUserError(f"{source}: {key}: {message}")
+    """Thresholds from already-parsed data (same checks as the file)."""
+    import yaml
 
-    if not isinstance(raw, dict):
-        raise LlmtrtUserError(f"{source}: expected a mapping with keys {', '.join(_TOP_KEYS)}, got {type(raw).__name__}")
-    for key, value in raw.items():
-        if key not in _TOP_KEYS:
-            fail(str(key), f"unknown key; allowed: {', '.join(_TOP_KEYS)}")
-        if not isinstance(value, _TOP_KEYS[key]):
-            fail(key, f"expected a mapping, got {value!r}")
-    if "precisions" not in raw:
-        fail("precisions", "missing; give at least one precision's limits")
-    precisions = {}
-    for name, limits in raw["precisions"].items():
-        if limits is None:
-            limits = {}
-        if not isinstance(limits, dict):
-            fail(f"precisions.{name}", f"expected a mapping of limits, got {limits!r}")
-        precisions[str(name)] = Threshold(**_numbers(limits, Threshold, f"precisions.{name}", fail))
-    reference = ReferenceCheck(**_numbers(raw.get("pytorch_reference") or {}, ReferenceCheck, "pytorch_reference", fail))
-    must_beat = {}
-    for better, worse in (raw.get("must_beat") or {}).items():
-        if not isinstance(worse, str):
-            fail(f"must_beat.{better}", f"expected a precision name, got {worse!r}")
-        must_beat[str(better)] = worse
-    return Thresholds(precisions, reference, must_beat, source)
+    from llmtrt.exporter.yaml_schema import loads_dataclass
 
-
-def _numbers(values: dict, cls: type, prefix: str, fail) -> dict[str, float | None]:
-    allowed = [f.name for f in fields(cls)]
-    out = {}
-    for key, value in values.items():
-        if key not in allowed:
-            fail(f"{prefix}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            fail(f"{prefix}.{key}", f"expected a number, got {value!r}")
-        if value is not None and (not math.isfinite(value) or value < 0):
-            fail(f"{prefix}.{key}", f"expected a finite number >= 0, got {value!r}")
-        if key.startswith("min_") and value is not None and value > 1:
-            fail(f"{prefix}.{key}", f"a fraction must be <= 1, got {value!r}")
-        out[key] = None if value is None else float(value)
-    return out
+    thresholds = loads_dataclass(Thresholds, yaml.safe_dump(raw), source)
+    object.__setattr__(thresholds, "source", source)
+    return thresholds
 
 
 @dataclass(frozen=True)

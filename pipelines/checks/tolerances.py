@@ -4,26 +4,47 @@ Polygraphy-style ``--atol/--rtol [NAME:]VALUE`` overrides."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from llmtrt import configs
 from llmtrt.exporter.errors import LlmtrtUserError
 
 DEFAULT_TOLERANCES = configs.path("tolerances.yaml")
-GROUP_FIELDS = {"atol", "rtol", "mean_atol", "min_cosine_similarity", "min_top1_agreement"}
 GROUPS = ("logits", "present", "kv_cache")
+
+
+_NONNEG = {"min": 0.0}
 
 
 @dataclass(frozen=True)
 class GroupTolerance:
-    atol: float
-    rtol: float
-    mean_atol: float | None = None
-    min_cosine_similarity: float | None = None
-    min_top1_agreement: float | None = None
+    atol: float = field(metadata=_NONNEG)
+    rtol: float = field(metadata=_NONNEG)
+    mean_atol: float | None = field(default=None, metadata=_NONNEG)
+    min_cosine_similarity: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})
+    min_top1_agreement: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass(frozen=True)
+class PrecisionTolerances:
+    logits: GroupTolerance
+    present: GroupTolerance
+    kv_cache: GroupTolerance
+
+
+@dataclass(frozen=True)
+class LayerwiseSettings:
+    min_error: float = field(default=1e-3, metadata=_NONNEG)
+    jump_factor: float = field(default=10.0, metadata=_NONNEG)
+
+
+@dataclass(frozen=True)
+class TolerancesFile:
+    """configs/tolerances.yaml"""
+
+    precisions: dict[str, PrecisionTolerances]
+    layerwise: LayerwiseSettings = field(default_factory=LayerwiseSettings)
 
 
 @dataclass(frozen=True)
@@ -37,46 +58,15 @@ class Tolerances:
 
 def load_tolerances(path: str | Path, precision: str) -> Tolerances:
     """The tolerances for one precision; unknown keys, wrong types or a missing precision name the file."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise LlmtrtUserError(f"{path}: cannot read tolerances ({exc.strerror}); pass --tolerances FILE") from None
-    except yaml.YAMLError as exc:
-        raise LlmtrtUserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("precisions"), dict):
-        raise LlmtrtUserError(f"{path}: needs a top-level 'precisions:' mapping (see configs/tolerances.yaml)")
-    unknown = set(raw) - {"precisions", "layerwise"}
-    if unknown:
-        raise LlmtrtUserError(f"{path}: unknown key {sorted(unknown)[0]!r}; allowed: precisions, layerwise")
-    entry = raw["precisions"].get(precision)
+    from llmtrt.exporter.yaml_schema import load_dataclass
+
+    spec = load_dataclass(TolerancesFile, path)
+    entry = spec.precisions.get(precision)
     if entry is None:
         raise LlmtrtUserError(f"{path}: no tolerances for precision {precision!r} (has "
-                              f"{', '.join(raw['precisions'])}); add a 'precisions.{precision}' entry")
-    groups = {}
-    for group in GROUPS:
-        values = entry.get(group) if isinstance(entry, dict) else None
-        where = f"{path}: precisions.{precision}.{group}"
-        if not isinstance(values, dict):
-            raise LlmtrtUserError(f"{where}: missing; give at least atol and rtol")
-        bad = set(values) - GROUP_FIELDS
-        if bad:
-            raise LlmtrtUserError(f"{where}.{sorted(bad)[0]}: unknown field; allowed: {', '.join(sorted(GROUP_FIELDS))}")
-        for key, value in values.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise LlmtrtUserError(f"{where}.{key}: {value!r} is not a non-negative number")
-        if "atol" not in values or "rtol" not in values:
-            raise LlmtrtUserError(f"{where}: needs both atol and rtol")
-        groups[group] = GroupTolerance(**{k: float(v) for k, v in values.items()})
-    extra = set(entry) - set(GROUPS)
-    if extra:
-        raise LlmtrtUserError(f"{path}: precisions.{precision}.{sorted(extra)[0]}: unknown group; "
-                              f"allowed: {', '.join(GROUPS)}")
-    layer = raw.get("layerwise") or {}
-    if set(layer) - {"min_error", "jump_factor"}:
-        raise LlmtrtUserError(f"{path}: layerwise allows only min_error and jump_factor")
-    return Tolerances(precision, groups, float(layer.get("min_error", 1e-3)), float(layer.get("jump_factor", 10.0)),
-                      str(path))
+                              f"{', '.join(spec.precisions)}); add a 'precisions.{precision}' entry")
+    groups = {group: getattr(entry, group) for group in GROUPS}
+    return Tolerances(precision, groups, spec.layerwise.min_error, spec.layerwise.jump_factor, str(path))
 
 
 def parse_overrides(values: Sequence[str], flag: str) -> dict[str, float]:

@@ -19,6 +19,12 @@ from llmtrt.exporter.errors import LlmtrtUserError
 EXIT_USAGE = 2
 
 
+def one_line(message: str) -> str:
+    """A user error on one line: lists (e.g. every node TensorRT refused) are joined with '; '."""
+    parts = [p.strip() for p in message.splitlines() if p.strip()]
+    return "; ".join(p[2:] if p.startswith("- ") else p for p in parts)
+
+
 def user_errors(func):
     """Turn LlmtrtUserError into ``error: ...`` on stderr and exit code 2."""
 
@@ -27,7 +33,7 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except LlmtrtUserError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(str(exc))}", err=True)
             sys.exit(EXIT_USAGE)
 
     return wrapper
@@ -38,7 +44,27 @@ def _progress(message: str, *, quiet: bool = False) -> None:
         click.echo(message, err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Llmtrt(click.Group):
+    """Click's usage errors (a missing option, a bad choice) printed like llmtrt's own: one line, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            command = f" {exc.ctx.command_path.split(' ', 1)[1]}" if getattr(exc, "ctx", None) and \
+                " " in exc.ctx.command_path else ""
+            click.echo(f"error: {one_line(exc.format_message())} (see `llmtrt{command} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Llmtrt, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="llmtrt")
 def main() -> None:
     """Llama-family decoders from PyTorch to ONNX and TensorRT engines, with the numbers checked.
@@ -108,6 +134,10 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
     check_out_dir(out_dir)
     t0 = time.perf_counter()
     source = resolve_model(model_spec, seed=seed)
+    if source.is_checkpoint:  # file list, keys and shapes from the headers: fail before any progress or work
+        from llmtrt.exporter.streaming import Checkpoint
+
+        Checkpoint(source.config, source.checkpoint_dir)
     kind = f"weights from {source.checkpoint_dir}" if source.is_checkpoint else f"random init, seed {seed}"
     _progress(f"exporting {source.config.name} ({source.config.num_parameters / 1e6:.1f}M params, {kind}) "
               f"with --ops {dialect}", quiet=as_json)

@@ -175,7 +175,9 @@ def max_positions_from_model(model: onnx.ModelProto) -> int | None:
 
 def max_positions_from_file(onnx_path: str | Path) -> int | None:
     """max_positions_from_model for a file, reading the graph only (not its weights)."""
-    return max_positions_from_model(onnx.load(str(onnx_path), load_external_data=False))
+    from llmtrt.pipelines.artifacts import load_graph
+
+    return max_positions_from_model(load_graph(onnx_path))
 
 
 # --------------------------------------------------------------------------------------------

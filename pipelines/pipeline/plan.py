@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from llmtrt import configs
+from llmtrt.exporter.yaml_schema import load_dataclass
 from llmtrt.pipelines.errors import LlmtrtUserError
-from llmtrt.pipelines.yaml_schema import load_dataclass
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-sq", "int8-wo", "int4-awq", "int4-rtn")
 BACKENDS = ("onnxruntime", "tensorrt-rtx", "tensorrt")

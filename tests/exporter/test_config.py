@@ -72,11 +72,25 @@ def test_missing_and_corrupt_config(tmp_path):
 def test_yaml_unknown_key_and_type(tmp_path):
     p = tmp_path / "m.yaml"
     p.write_text((MODELS_DIR / "tiny.yaml").read_text() + "hiden_size: 3\n")
-    with pytest.raises(LlmtrtUserError, match="unknown key 'hiden_size'"):
+    with pytest.raises(LlmtrtUserError, match=r"m.yaml:\d+: hiden_size: unknown key"):
         ModelConfig.from_yaml(p)
     p.write_text((MODELS_DIR / "tiny.yaml").read_text().replace("num_hidden_layers: 2", "num_hidden_layers: two"))
-    with pytest.raises(LlmtrtUserError, match="'num_hidden_layers' must be int"):
+    with pytest.raises(LlmtrtUserError, match=r"m.yaml:\d+: num_hidden_layers: expected an integer"):
         ModelConfig.from_yaml(p)
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", 10**9), ("vocab_size", 10**12)])
+def test_absurd_sizes_fail_at_once_naming_file_and_field(tmp_path, field, value):
+    import re
+    import time
+
+    p = tmp_path / "huge.yaml"
+    text = (MODELS_DIR / "tiny.yaml").read_text()
+    p.write_text(re.sub(rf"^{field}: .*$", f"{field}: {value}", text, flags=re.M))
+    t0 = time.perf_counter()
+    with pytest.raises(LlmtrtUserError, match=rf"huge.yaml:\d+: .*{field} {value} is beyond"):
+        resolve_model(str(p))
+    assert time.perf_counter() - t0 < 1.0
 
 
 def test_unknown_preset_lists_presets():

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from llmtrt.exporter.yaml_schema import loads_dataclass
 from llmtrt.pipelines.cli import main
 from llmtrt.pipelines.errors import LlmtrtUserError
 from llmtrt.pipelines.pipeline.plan import PipelineConfig, load_config, matrix, plan
-from llmtrt.pipelines.yaml_schema import loads_dataclass
 
 REPO = Path(__file__).resolve().parents[2]
 
