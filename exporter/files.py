@@ -30,6 +30,8 @@ from typing import Any
 
 from llmtrt.exporter.errors import LlmtrtUserError
 
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
 # Files whose presence says a directory was written by llmtrt (so replacing it loses nothing of the user's).
 ARTIFACT_MARKERS = ("manifest.json", "stage.json", "validation.json", "compare.json", "report.json")
 _PARTIAL = ".partial-"

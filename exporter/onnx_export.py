@@ -9,7 +9,6 @@ export never leaves a ``model.onnx`` behind.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,13 @@ import onnx
 import torch
 
 from llmtrt.exporter import dialects
+from llmtrt.exporter.capture import capture
 from llmtrt.exporter.config import ModelConfig, ModelSource
 from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.exporter.files import DATA_FILE, MODEL_FILE
 from llmtrt.exporter.iospec import IOSpec
 from llmtrt.exporter.kv_cache import get_layout
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
 STREAMING_THRESHOLD = 1 << 30  # fp32 weight bytes of a checkpoint above which export streams by default
 
@@ -67,42 +66,6 @@ class ExportedModel:
     opset: int
     stats: dict = field(default_factory=dict)
     kv_cache: str = "dynamic"
-
-
-def capture(model, kv_cache: str = "dynamic") -> onnx.ModelProto:
-    """Run the dynamo exporter with the custom translation table; returns the graph with llmtrt nodes
-    (no function bodies yet) at ``dialects.CAPTURE_OPSET``."""
-    from llmtrt.plugins.registry import translation_table
-
-    layout = get_layout(kv_cache)
-    io = layout.io_spec(model.config)
-    args = layout.sample_inputs(model.config)
-    with warnings_quiet():
-        program = torch.onnx.export(
-            model, args, dynamic_shapes=layout.dynamic_shapes(len(args[3])), dynamo=True,
-            custom_translation_table=translation_table(), input_names=io.input_names,
-            output_names=io.output_names, opset_version=dialects.CAPTURE_OPSET, optimize=True, verbose=False,
-        )
-    return program.model_proto
-
-
-@contextlib.contextmanager
-def warnings_quiet():
-    """The exporter logs chatty warnings (torchvision missing, dim renames); keep the user's terminal clean."""
-    import logging
-    import warnings
-
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels, strict=False):
-            lg.setLevel(lv)
 
 
 def export_model(model, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> ExportedModel:

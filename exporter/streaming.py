@@ -143,22 +143,12 @@ def capture(checkpoint: Checkpoint, config: ModelConfig, kv_cache: str, max_posi
     SMALL_ELEMENTS) are loaded, because the optimizer deduplicates small initializers by content."""
     import onnx_ir as ir
 
-    from llmtrt.exporter import dialects
+    from llmtrt.exporter.capture import run_export, warnings_quiet
     from llmtrt.exporter.kv_cache import get_layout
-    from llmtrt.exporter.onnx_export import warnings_quiet
     from llmtrt.exporter.weights import expected_shapes
-    from llmtrt.plugins.registry import translation_table
 
     model = meta_model(config, max_positions)
-    layout = get_layout(kv_cache)
-    io = layout.io_spec(config)
-    args = layout.sample_inputs(config)
-    with torch.no_grad(), warnings_quiet():
-        program = torch.onnx.export(
-            model, args, dynamo=True, dynamic_shapes=layout.dynamic_shapes(len(args[3])),
-            custom_translation_table=translation_table(), input_names=io.input_names,
-            output_names=io.output_names, opset_version=dialects.CAPTURE_OPSET, optimize=False, verbose=False,
-        )
+    program = run_export(model, get_layout(kv_cache), optimize=False)
     graph = program.model.graph
     weights = {name: name for name in expected_shapes(config)}
     if config.tie_word_embeddings:  # the capture may name the shared weight after either module
@@ -199,7 +189,7 @@ def lay_out(proto: onnx.ModelProto, external: bool) -> list[tuple[int, str | byt
     """Point every large initializer at model.onnx.data the way onnx.save_model would; returns the
     data file's contents in order: (offset, checkpoint source or raw bytes). Small placeholders are
     marked ``inline`` to be filled by ``fill_inline``."""
-    from llmtrt.exporter.onnx_export import DATA_FILE
+    from llmtrt.exporter.files import DATA_FILE
 
     plan: list[tuple[int, str | bytes]] = []
     offset = 0

@@ -341,7 +341,8 @@ def evaluate(artifact_dir: str | Path, eval_tokens: np.ndarray, seq_len: int = D
     """One artifact's metrics on ``eval_tokens``; against ``reference`` (an fp32 artifact dir or a runner),
     or against itself when None (agreement 1, KL 0: perplexity only)."""
     from llmtrt.pipelines.artifacts import read_manifest
-    from llmtrt.pipelines.runtime.runners import DecoderRunner, open_runner
+    from llmtrt.pipelines.runtime.artifact_runners import open_runner
+    from llmtrt.pipelines.runtime.runners import DecoderRunner
 
     manifest = read_manifest(artifact_dir)
     runners: dict[str, Any] = {}
@@ -462,7 +463,7 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
     if int(tokens.max()) >= cfg["vocab_size"]:
         raise LlmtrtUserError(f"{eval_text}: token id {int(tokens.max())} >= vocab_size {cfg['vocab_size']}; "
                               "the tokenizer does not match the model")
-    from llmtrt.pipelines.runtime.runners import open_runner, reference_runner
+    from llmtrt.pipelines.runtime.artifact_runners import open_runner, reference_runner
 
     runners: dict[str, Any] = {REFERENCE: open_runner(artifacts[REFERENCE])}
     notes = []

@@ -121,8 +121,8 @@ def _prepare(artifact_dir: Path, options: ValidateOptions) -> _Setup:
     from llmtrt.exporter.kv_cache import get_layout
     from llmtrt.pipelines.artifacts import load_exported
     from llmtrt.pipelines.checks.validation_runner import DecodePlan
+    from llmtrt.pipelines.runtime.artifact_runners import reference_runner
     from llmtrt.pipelines.runtime.decoding import Batch
-    from llmtrt.pipelines.runtime.runners import reference_runner
     from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
     if options.batch < 1 or options.decode_steps < 0 or options.prompt_tokens < 1:

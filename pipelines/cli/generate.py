@@ -56,7 +56,8 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_
     """
     from llmtrt.exporter.config import resolve_model
     from llmtrt.pipelines.runtime import generate as gen
-    from llmtrt.pipelines.runtime.runners import PyTorchRunner, open_runner
+    from llmtrt.pipelines.runtime.artifact_runners import open_runner
+    from llmtrt.pipelines.runtime.runners import PyTorchRunner
     from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
     if (artifact is None) == (model_spec is None):

@@ -71,7 +71,7 @@ def quantize(stage: Stage) -> dict[str, Any]:
 
 
 def build(stage: Stage) -> dict[str, Any]:
-    from llmtrt.pipelines.cli.build import build_from_export
+    from llmtrt.pipelines.engine.build import build_from_export
 
     o = stage.options
     result = build_from_export(stage.inputs[0], stage.out_dir, precision=o["precision"], backend=o["backend"],

@@ -77,8 +77,8 @@ class Sampling:
 # --------------------------------------------------------------------------------------------
 def model_dir_for(artifact: str | Path) -> str:
     """What to hand ``load_tokenizer``: the ONNX directory (its manifest names the model) for any artifact."""
+    from llmtrt.pipelines.runtime.artifact_runners import artifact_kind
     from llmtrt.pipelines.runtime.engine_runner import read_engine_manifest
-    from llmtrt.pipelines.runtime.runners import artifact_kind
 
     if artifact_kind(artifact) == "engine":
         return str(Path(read_engine_manifest(artifact)[1]["onnx"]).parent)

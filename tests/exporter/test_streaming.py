@@ -10,7 +10,8 @@ import torch
 from llmtrt.exporter import onnx_export, streaming
 from llmtrt.exporter.config import resolve_model
 from llmtrt.exporter.errors import LlmtrtUserError
-from llmtrt.exporter.onnx_export import DATA_FILE, MODEL_FILE, ExportOptions, export, use_streaming
+from llmtrt.exporter.files import DATA_FILE, MODEL_FILE
+from llmtrt.exporter.onnx_export import ExportOptions, export, use_streaming
 from llmtrt.exporter.weights import load_model
 from tests.conftest import HAS_TRANSFORMERS, make_hf_checkpoint
 

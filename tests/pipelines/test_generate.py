@@ -16,6 +16,7 @@ from llmtrt.exporter.errors import LlmtrtUserError
 from llmtrt.exporter.onnx_export import ExportOptions
 from llmtrt.pipelines.artifacts import export_artifact
 from llmtrt.pipelines.cli import main
+from llmtrt.pipelines.runtime.artifact_runners import open_runner
 from llmtrt.pipelines.runtime.generate import (
     Sampling,
     TextStream,
@@ -23,7 +24,7 @@ from llmtrt.pipelines.runtime.generate import (
     generate,
     generate_ids,
 )
-from llmtrt.pipelines.runtime.runners import PyTorchRunner, open_runner
+from llmtrt.pipelines.runtime.runners import PyTorchRunner
 from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,44 @@
+"""Which runner an artifact directory gets, chosen from what its manifest says it is.
+
+    with open_runner("out/onnx") as runner: ...            # ONNX Runtime
+    with open_runner("out/engines/fp16") as runner: ...    # TensorRT (a GPU)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmtrt.exporter.errors import LlmtrtUserError
+from llmtrt.pipelines.runtime.runners import DecoderRunner, OnnxRuntimeRunner, PyTorchRunner
+
+
+def artifact_kind(path: str | Path) -> str:
+    """"onnx" (manifest.json) or "engine" (engine.<precision>.json); a user error otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LlmtrtUserError(f"{path}: no such artifact directory; pass a directory written by `llmtrt export` "
+                              "(manifest.json) or `llmtrt build` (engine.<precision>.plan/.json)")
+    if (path / "manifest.json").is_file():
+        return "onnx"
+    if any(path.glob("engine.*.json")):
+        return "engine"
+    raise LlmtrtUserError(f"{path}: neither manifest.json nor engine.<precision>.json here; pass a directory "
+                          "written by `llmtrt export`, `llmtrt quantize` or `llmtrt build`")
+
+
+def open_runner(path: str | Path, *, provider: str = "cpu", threads: int | None = None,
+                precision: str | None = None) -> DecoderRunner:
+    """The runner for an artifact directory (ONNX or engine), chosen from what its manifest says it is."""
+    if artifact_kind(path) == "onnx":
+        return OnnxRuntimeRunner.from_artifact(path, provider=provider, threads=threads)
+    from llmtrt.pipelines.runtime.engine_runner import TensorRTRunner
+
+    return TensorRTRunner(path, precision=precision)
+
+
+def reference_runner(manifest: dict[str, Any], where: str | Path, max_positions: int | None = None) -> PyTorchRunner:
+    """The fp32 PyTorch model an artifact's manifest names (checked to be the same model)."""
+    from llmtrt.pipelines.artifacts import open_model_source
+
+    return PyTorchRunner(open_model_source(manifest, where), max_positions=max_positions)
