@@ -25,218 +25,29 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llmtrt import configs
+from llmtrt.pipelines.checks.accuracy import (
+    DEFAULT_THRESHOLDS,
+    PYTORCH,
+    REFERENCE,
+    PrecisionMetrics,
+    Thresholds,
+    Totals,
+    gate,
+    load_thresholds,
+)
+from llmtrt.pipelines.checks.compare_report import CompareResult, write_reports
 from llmtrt.pipelines.errors import LlmtrtUserError
 
-REFERENCE = "fp32"
-PYTORCH = "pytorch-fp32"
 DEFAULT_SEQ_LEN = 256
-DEFAULT_THRESHOLDS = configs.path("compare_thresholds.yaml")
 DEFAULT_EVAL_TEXT = configs.path("text", "eval.txt")
 _LOGITS_BUDGET = 1 << 26  # logits elements per batch of windows (256 MiB fp32)
 
-
-
-# --------------------------------------------------------------------------------------------
-# metrics math
-# --------------------------------------------------------------------------------------------
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log p over the last axis, in float64."""
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-@dataclass
-class Totals:
-    """Running sums over scored positions; :meth:`add` takes one batch of windows."""
-
-    tokens: int = 0
-    nll: float = 0.0
-    correct: int = 0          # argmax == the actual next token
-    agree: int = 0            # argmax == the reference's argmax
-    kl: float = 0.0           # sum of KL(p_ref || p)
-    max_abs_logit_error: float = 0.0
-    nonfinite: int = 0        # positions with a NaN/inf logit
-    seconds: float = 0.0
-
-    def add(self, logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray) -> None:
-        """``logits``/``ref_logits`` [positions, vocab] predict ``targets`` [positions]."""
-        logits = logits.astype(np.float64)
-        ref_logits = ref_logits.astype(np.float64)
-        bad = ~np.isfinite(logits).all(axis=-1)
-        self.nonfinite += int(bad.sum())
-        logp = log_softmax(logits)
-        ref_logp = log_softmax(ref_logits)
-        rows = np.arange(len(targets))
-        self.tokens += len(targets)
-        self.nll += float(-logp[rows, targets].sum())
-        top1 = logits.argmax(axis=-1)
-        self.correct += int((top1 == targets).sum())
-        self.agree += int((top1 == ref_logits.argmax(axis=-1)).sum())
-        with np.errstate(invalid="ignore"):
-            self.kl += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
-        self.max_abs_logit_error = max(self.max_abs_logit_error, float(np.abs(logits - ref_logits).max()))
-        if bad.any():  # NaN compares false in max(); make it stick
-            self.max_abs_logit_error = math.nan
-
-
-@dataclass(frozen=True)
-class PrecisionMetrics:
-    precision: str
-    artifact: str
-    tokens: int
-    perplexity: float
-    mean_nll: float
-    next_token_accuracy: float
-    top1_agreement: float
-    mean_kl: float
-    max_abs_logit_error: float
-    perplexity_increase: float  # perplexity / reference perplexity - 1
-    nonfinite_positions: int
-    tokens_per_second: float
-
-    @classmethod
-    def from_totals(cls, precision: str, artifact: str, t: Totals, ref_perplexity: float | None) -> PrecisionMetrics:
-        mean_nll = t.nll / t.tokens
-        ppl = math.exp(mean_nll) if math.isfinite(mean_nll) else math.nan
-        ref = ppl if ref_perplexity is None else ref_perplexity
-        return cls(precision, artifact, t.tokens, ppl, mean_nll, t.correct / t.tokens, t.agree / t.tokens,
-                   t.kl / t.tokens, t.max_abs_logit_error, ppl / ref - 1.0, t.nonfinite,
-                   t.tokens / t.seconds if t.seconds > 0 else math.nan)
-
-
-def perplexity(token_log_probs: np.ndarray) -> float:
-    """exp(-mean log p(token)); the quantity :class:`Totals` accumulates."""
-    return float(np.exp(-np.mean(token_log_probs, dtype=np.float64)))
-
-
-# --------------------------------------------------------------------------------------------
-# thresholds (configs/compare_thresholds.yaml)
-# --------------------------------------------------------------------------------------------
-_LIMIT = {"min": 0.0}
-_FRACTION = {"min": 0.0, "max": 1.0}
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """Limits for one precision against fp32; None means not checked."""
-
-    max_perplexity_increase: float | None = field(default=None, metadata=_LIMIT)  # relative: 0.001 = 0.1 %
-    min_top1_agreement: float | None = field(default=None, metadata=_FRACTION)
-    max_mean_kl: float | None = field(default=None, metadata=_LIMIT)
-    max_abs_logit_error: float | None = field(default=None, metadata=_LIMIT)
-
-
-@dataclass(frozen=True)
-class ReferenceCheck:
-    """How closely the fp32 ONNX artifact must match the fp32 PyTorch model."""
-
-    max_perplexity_rel_diff: float = field(default=1e-4, metadata=_LIMIT)
-    min_top1_agreement: float = field(default=0.999, metadata=_FRACTION)
-    max_abs_logit_error: float | None = field(default=None, metadata=_LIMIT)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """configs/compare_thresholds.yaml"""
-
-    precisions: dict[str, Threshold]
-    pytorch_reference: ReferenceCheck = field(default_factory=ReferenceCheck)
-    must_beat: dict[str, str] = field(default_factory=dict)  # {"int4-awq": "int4-rtn"}: lower perplexity
-    source: str = field(default="<defaults>", init=False)
-
-    def __post_init__(self) -> None:
-        for better, worse in self.must_beat.items():
-            for name in (better, worse):
-                if name not in self.precisions:
-                    raise LlmtrtUserError(f"must_beat.{better}: {name!r} is not a precision listed under precisions")
-
-
-def load_thresholds(path: str | Path) -> Thresholds:
-    """The thresholds YAML (unknown keys, wrong types and bounds are errors naming file, line and key)."""
-    from llmtrt.exporter.yaml_schema import load_dataclass
-
-    thresholds = load_dataclass(Thresholds, path)
-    object.__setattr__(thresholds, "source", str(path))
-    return thresholds
-
-
-def parse_thresholds(raw: Any, source: str) -> Thresholds:
-    """Thresholds from already-parsed data (same checks as the file)."""
-    import yaml
-
-    from llmtrt.exporter.yaml_schema import loads_dataclass
-
-    thresholds = loads_dataclass(Thresholds, yaml.safe_dump(raw), source)
-    object.__setattr__(thresholds, "source", source)
-    return thresholds
-
-
-@dataclass(frozen=True)
-class Check:
-    """One gate: ``subject`` (a precision, or "awq vs rtn"), what was measured, the limit, passed."""
-
-    subject: str
-    metric: str
-    value: float
-    limit: float
-    op: str  # "<=", ">=", "<"
-
-    @property
-    def passed(self) -> bool:
-        if self.op == "<=":
-            return self.value <= self.limit  # NaN fails
-        if self.op == ">=":
-            return self.value >= self.limit
-        return self.value < self.limit
-
-    def __str__(self) -> str:
-        return (f"{self.subject}: {self.metric} {_fmt(self.value)} {self.op} {_fmt(self.limit)} "
-                f"{'OK' if self.passed else 'NOT OK'}")
-
-
-_THRESHOLD_METRICS = (("max_perplexity_increase", "perplexity_increase", "<="),
-                      ("min_top1_agreement", "top1_agreement", ">="),
-                      ("max_mean_kl", "mean_kl", "<="),
-                      ("max_abs_logit_error", "max_abs_logit_error", "<="))
-
-
-def gate(metrics: Mapping[str, PrecisionMetrics], thresholds: Thresholds) -> tuple[list[Check], list[str]]:
-    """The checks the thresholds ask for, and the precisions that have no limits (not gated)."""
-    checks, ungated = [], []
-    for name, m in metrics.items():
-        if name in (REFERENCE, PYTORCH):
-            continue
-        limits = thresholds.precisions.get(name)
-        if limits is None:
-            ungated.append(name)
-            continue
-        for limit_name, metric, op in _THRESHOLD_METRICS:
-            limit = getattr(limits, limit_name)
-            if limit is not None:
-                checks.append(Check(name, metric, getattr(m, metric), limit, op))
-        checks.append(Check(name, "nonfinite_positions", m.nonfinite_positions, 0, "<="))
-    for better, worse in thresholds.must_beat.items():
-        if better in metrics and worse in metrics:
-            checks.append(Check(f"{better} vs {worse}", "perplexity", metrics[better].perplexity,
-                                metrics[worse].perplexity, "<"))
-    if PYTORCH in metrics:
-        ref, limits = metrics[PYTORCH], thresholds.pytorch_reference
-        checks.append(Check(f"{REFERENCE} onnx vs pytorch", "perplexity_rel_diff", abs(ref.perplexity_increase),
-                            limits.max_perplexity_rel_diff, "<="))
-        checks.append(Check(f"{REFERENCE} onnx vs pytorch", "top1_agreement", ref.top1_agreement,
-                            limits.min_top1_agreement, ">="))
-        if limits.max_abs_logit_error is not None:
-            checks.append(Check(f"{REFERENCE} onnx vs pytorch", "max_abs_logit_error", ref.max_abs_logit_error,
-                                limits.max_abs_logit_error, "<="))
-    return checks, ungated
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,73 +172,6 @@ def _ppl(t: Totals) -> float:
     return math.exp(t.nll / t.tokens)
 
 
-# --------------------------------------------------------------------------------------------
-# the comparison and its reports
-# --------------------------------------------------------------------------------------------
-@dataclass
-class CompareResult:
-    metrics: dict[str, PrecisionMetrics]
-    checks: list[Check]
-    ungated: list[str]
-    eval: dict[str, Any]
-    thresholds: str
-    notes: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
-
-    def summary(self) -> dict[str, Any]:
-        return {"perplexity": {k: round(m.perplexity, 6) for k, m in self.metrics.items()},
-                "failed_checks": [str(c) for c in self.failed], "ungated": self.ungated}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"passed": bool(self), "reference": REFERENCE, "eval": self.eval, "thresholds": self.thresholds,
-                "metrics": {k: _jsonable(asdict(m)) for k, m in self.metrics.items()},
-                "checks": [{**_jsonable(asdict(c)), "passed": c.passed} for c in self.checks],
-                "ungated": self.ungated, "notes": self.notes}
-
-    def table(self) -> str:
-        """Markdown table: one row per precision."""
-        head = ("| precision | perplexity | vs fp32 | top-1 agree | mean KL | max abs logit err | next-token acc "
-                "| gate |\n|---|---:|---:|---:|---:|---:|---:|---|")
-        rows = []
-        for name, m in self.metrics.items():
-            mine = [c for c in self.checks if c.subject == name]
-            status = ("reference" if name == REFERENCE else "check" if name == PYTORCH
-                      else "not gated" if name in self.ungated
-                      else "OK" if all(c.passed for c in mine) else "NOT OK")
-            rows.append(f"| {name} | {m.perplexity:.4f} | {m.perplexity_increase * 100:+.3f}% | "
-                        f"{m.top1_agreement:.4f} | {m.mean_kl:.2e} | {m.max_abs_logit_error:.3g} | "
-                        f"{m.next_token_accuracy:.4f} | {status} |")
-        return "\n".join([head, *rows])
-
-    def markdown(self) -> str:
-        e = self.eval
-        lines = ["# Accuracy per precision", "",
-                 f"Held-out text `{e['text']}` ({e['tokens']} tokens, {e['tokenizer']} tokenizer), "
-                 f"non-overlapping windows of {e['seq_len']}, {e['predictions']} predictions; reference "
-                 f"{REFERENCE} ONNX; thresholds `{self.thresholds}`.", "", self.table(), "",
-                 f"**{'PASSED' if self else 'FAILED'}**: {len(self.checks) - len(self.failed)}/{len(self.checks)} "
-                 "checks met.", ""]
-        lines += [f"- {c}" for c in self.checks]
-        if self.ungated:
-            lines += ["", f"Not gated (no thresholds for them): {', '.join(self.ungated)}."]
-        lines += [f"\n{n}" for n in self.notes]
-        return "\n".join(lines) + "\n"
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.6g}"
-
-
 def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path = DEFAULT_EVAL_TEXT,
                       max_tokens: int | None = None, thresholds: str | Path | Thresholds | None = None,
                       out_dir: str | Path | None = None, seq_len: int = DEFAULT_SEQ_LEN,
@@ -493,56 +237,3 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
     return result
 
 
-def write_reports(result: CompareResult, out_dir: Path, say: Callable[[str], None] = print) -> dict[str, Path]:
-    """compare.json, compare.md and (with matplotlib) compare.png, each written whole or not at all."""
-    from llmtrt.exporter.files import write_json_atomically, write_text_atomically
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "compare.json", "md": out_dir / "compare.md"}
-    write_json_atomically(paths["json"], result.to_dict())
-    write_text_atomically(paths["md"], result.markdown())
-    png = write_plot(result, out_dir / "compare.png")
-    if png is None:
-        say("note: matplotlib is not installed, so compare.png was not drawn (pip install matplotlib)")
-    else:
-        paths["png"] = png
-    return paths
-
-
-def write_plot(result: CompareResult, path: Path) -> Path | None:
-    """Perplexity and top-1 agreement per precision as a PNG; None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    names = [n for n in result.metrics if n != PYTORCH]
-    ppl = [result.metrics[n].perplexity for n in names]
-    agree = [result.metrics[n].top1_agreement for n in names]
-    failed = {c.subject for c in result.failed}
-    colors = ["tab:red" if n in failed else "tab:gray" if n == REFERENCE else "tab:blue" for n in names]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    finite = [p for p in ppl if math.isfinite(p)] or [1.0]
-    bars = left.bar(names, [p if math.isfinite(p) else 0.0 for p in ppl], color=colors)
-    left.bar_label(bars, labels=[f"{p:.4g}" for p in ppl], fontsize=8)
-    left.axhline(result.metrics[REFERENCE].perplexity, color="black", linewidth=0.8, linestyle="--")
-    left.set_ylabel("perplexity (lower is better)")
-    left.set_ylim(min(finite) * 0.98, max(finite) * 1.03)
-    bars = right.bar(names, agree, color=colors)
-    right.bar_label(bars, labels=[f"{a:.4f}" for a in agree], fontsize=8)
-    right.set_ylabel(f"top-1 agreement with {REFERENCE}")
-    right.set_ylim(max(0.0, min(agree) - 0.02), 1.005)
-    for ax in (left, right):
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"{result.eval['text']}: {result.eval['predictions']} predictions (red: over threshold)")
-    fig.tight_layout()
-    from llmtrt.exporter.files import atomic_file
-
-    try:
-        with atomic_file(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    return path

@@ -71,7 +71,8 @@ def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval
       llmtrt compare --model ./my-llama --precisions fp32,int4-awq,int4-rtn --calib-text calib.txt \\
           --eval-text eval.txt --max-tokens 4096 --out out/cmp
     """
-    from llmtrt.pipelines.checks.compare import DEFAULT_EVAL_TEXT, compare_artifacts, load_thresholds
+    from llmtrt.pipelines.checks.accuracy import load_thresholds
+    from llmtrt.pipelines.checks.compare import DEFAULT_EVAL_TEXT, compare_artifacts
 
     if bool(model_spec) == bool(artifacts):
         raise LlmtrtUserError("give exactly one of --model PRESET|DIR (export and quantize here) or "

@@ -9,21 +9,23 @@ from click.testing import CliRunner
 from llmtrt import configs
 from llmtrt.exporter.config import resolve_model
 from llmtrt.exporter.errors import LlmtrtUserError
-from llmtrt.pipelines.checks.compare import (
+from llmtrt.pipelines.checks.accuracy import (
     DEFAULT_THRESHOLDS,
     PYTORCH,
     Check,
     PrecisionMetrics,
     Thresholds,
     Totals,
-    compare_artifacts,
-    evaluate,
-    evaluate_runners,
     gate,
     load_thresholds,
     log_softmax,
     parse_thresholds,
     perplexity,
+)
+from llmtrt.pipelines.checks.compare import (
+    compare_artifacts,
+    evaluate,
+    evaluate_runners,
     read_eval_tokens,
     windows,
 )
@@ -334,7 +336,7 @@ def test_cli_help():
 def test_plot_is_skipped_with_a_note_without_matplotlib(artifacts, tmp_path, monkeypatch):
     import builtins
 
-    from llmtrt.pipelines.checks.compare import CompareResult, write_reports
+    from llmtrt.pipelines.checks.compare_report import CompareResult, write_reports
 
     real_import = builtins.__import__
 
