@@ -5,8 +5,9 @@
     result.metrics["int8-wo"].perplexity
 
 The text is tokenized (:mod:`llmtrt.pipelines.runtime.tokenizer`), cut into non-overlapping windows of ``seq_len``
-tokens (the last, shorter window too) and each window is scored independently: the first token
-of a window is context only, every later one is a prediction. All artifacts see the same windows,
+tokens (the last, shorter window too), each starting with BOS when the checkpoint's tokenizer adds
+one, and each window is scored independently: its first text token is context only, every later
+one is a prediction. All artifacts see the same windows,
 side by side, so nothing but running sums is kept. Per precision:
 
 - perplexity: ``exp(mean next-token cross-entropy)``, and its relative increase over fp32;
@@ -40,6 +41,9 @@ DEFAULT_SEQ_LEN = 256
 DEFAULT_THRESHOLDS = configs.path("compare_thresholds.yaml")
 DEFAULT_EVAL_TEXT = configs.path("text", "eval.txt")
 _LOGITS_BUDGET = 1 << 26  # logits elements per batch of windows (256 MiB fp32)
+# tokens per batch of windows: bounds every runner's activations too (attention scores grow with
+# rows x heads x seq^2); without it a small vocabulary put all of a 97k-token text in one batch
+_TOKENS_BUDGET = 1 << 13
 
 
 
@@ -300,22 +304,27 @@ def windows(tokens: np.ndarray, seq_len: int, bos_id: int | None = None) -> list
     """Non-overlapping windows of ``seq_len`` tokens; a last shorter window is kept if it predicts something.
 
     With ``bos_id`` (a checkpoint that starts every sequence with BOS) each window is BOS followed by
-    the next ``seq_len - 1`` text tokens, so every text token is predicted once (the first from BOS)
-    and the model sees sequences like those it was trained on; without, a window's first token is
-    context only."""
-    if seq_len < 2:
-        raise LlmtrtUserError(f"--seq-len must be at least 2, got {seq_len}")
+    the next ``seq_len - 1`` text tokens: the model reads every window the way it reads a prompt.
+    Either way a window's first text token is context only (:func:`context_tokens`): predicting a
+    token cut out of the middle of a text from BOS alone measures the cut, not the model."""
+    if seq_len < 2 + (bos_id is not None):
+        raise LlmtrtUserError(f"--seq-len must be at least {2 + (bos_id is not None)}, got {seq_len}")
     if bos_id is None:
         out = [tokens[i:i + seq_len] for i in range(0, len(tokens), seq_len)]
-        return [w for w in out if len(w) >= 2]
-    step = seq_len - 1
-    head = np.asarray([bos_id], dtype=np.int64)
-    return [np.concatenate([head, tokens[i:i + step]]) for i in range(0, len(tokens), step)]
+    else:
+        step, head = seq_len - 1, np.asarray([bos_id], dtype=np.int64)
+        out = [np.concatenate([head, tokens[i:i + step]]) for i in range(0, len(tokens), step)]
+    return [w for w in out if len(w) > context_tokens(bos_id)]
+
+
+def context_tokens(bos_id: int | None) -> int:
+    """Leading tokens of a window that are context only: the first text token, and BOS before it."""
+    return 1 if bos_id is None else 2
 
 
 def _batches(wins: list[np.ndarray], vocab: int) -> list[np.ndarray]:
-    """Equal-length windows stacked into [batch, n] arrays within the logits memory budget."""
-    per = max(1, _LOGITS_BUDGET // (len(wins[0]) * vocab))
+    """Equal-length windows stacked into [batch, n] arrays within the logits and token budgets."""
+    per = max(1, min(_LOGITS_BUDGET // (len(wins[0]) * vocab), _TOKENS_BUDGET // len(wins[0])))
     out, i = [], 0
     while i < len(wins):
         j = i
@@ -357,11 +366,12 @@ def evaluate_runners(runners: Mapping[str, Any], tokens: np.ndarray, seq_len: in
         raise LlmtrtUserError(f"no {reference} artifact to compare against; include {reference}")
     totals = {name: Totals() for name in runners}
     batches = _batches(windows(tokens, seq_len, bos_id), vocab)
+    skip = context_tokens(bos_id) - 1  # logits at these positions predict context, not scored
     with ExitStack() as stack:
         scorers = {name: _scorer(stack.enter_context(r)) if isinstance(r, DecoderRunner) else r
                    for name, r in runners.items()}
         for done, ids in enumerate(batches, start=1):
-            targets = ids[:, 1:].reshape(-1)
+            targets = ids[:, skip + 1:].reshape(-1)
             logits = {}
             for name, run in scorers.items():
                 t0 = time.perf_counter()
@@ -369,7 +379,7 @@ def evaluate_runners(runners: Mapping[str, Any], tokens: np.ndarray, seq_len: in
                 totals[name].seconds += time.perf_counter() - t0
                 if out.shape != (*ids.shape, vocab):
                     raise RuntimeError(f"{name}: logits shape {out.shape}, expected {(*ids.shape, vocab)}")
-                logits[name] = out[:, :-1].reshape(-1, vocab)
+                logits[name] = out[:, skip:-1].reshape(-1, vocab)
             for name in runners:
                 totals[name].add(logits[name], targets, logits[reference])
             if progress is not None:

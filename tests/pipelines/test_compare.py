@@ -94,14 +94,24 @@ def test_windows_are_non_overlapping_and_keep_a_useful_tail():
 
 
 def test_windows_start_with_bos_when_the_checkpoint_adds_it():
-    tokens = np.arange(10, 17)
-    assert [w.tolist() for w in windows(tokens, 4, bos_id=1)] == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16]]
-    # every text token is predicted once, the first from BOS
-    assert sum(len(w) - 1 for w in windows(np.zeros(1000, dtype=np.int64), 256, bos_id=1)) == 1000
-    seen = []
-    evaluate_runners({"fp32": lambda ids: seen.append(ids[:, 0].tolist()) or np.zeros((*ids.shape, 20))},
-                     tokens, seq_len=4, vocab=20, bos_id=1)
-    assert seen == [[1, 1], [1]]
+    tokens = np.arange(10, 18)
+    assert [w.tolist() for w in windows(tokens, 4, bos_id=1)] == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17]]
+    assert [len(w) for w in windows(np.arange(7), 4, bos_id=1)] == [4, 4]  # [BOS, t] predicts nothing scored
+    with pytest.raises(LlmtrtUserError, match="--seq-len must be at least 3"):
+        windows(tokens, 2, bos_id=1)
+    seen, vocab = [], 20
+
+    def run(ids):  # logits at position p put all mass on the token that follows in the window
+        seen.append(ids.tolist())
+        out = np.zeros((*ids.shape, vocab))
+        out[:, :-1][np.arange(ids.shape[0])[:, None], np.arange(ids.shape[1] - 1), ids[:, 1:]] = 50.0
+        out[:, 0, 5] = 100.0  # BOS -> first text token (a cut mid-text) is wrong on purpose: not scored
+        return out
+
+    totals = evaluate_runners({"fp32": run}, tokens, seq_len=4, vocab=vocab, bos_id=1)
+    assert seen == [[[1, 10, 11, 12], [1, 13, 14, 15]], [[1, 16, 17]]]
+    assert totals["fp32"].tokens == 2 + 2 + 1      # the first text token of each window is context only
+    assert totals["fp32"].correct == totals["fp32"].tokens
 
 
 def test_pluggable_runners_see_the_same_windows():
