@@ -80,7 +80,7 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, no_bos: 
     source = gen.model_dir_for(artifact) if artifact is not None else model_spec
     tokenizer = load_tokenizer(source, add_bos=False if no_bos else None)  # before any model is loaded
     if chat:
-        tokenizer.chat_ids("")  # no chat template: fail now
+        tokenizer.chat_ids(prompt)  # no chat template, or one that fails to render: fail now
     runner = (open_runner(artifact, provider=provider, precision=precision) if artifact is not None
               else PyTorchRunner(resolve_model(model_spec)))
 
