@@ -136,14 +136,24 @@ def open_model_source(manifest: dict[str, Any], where: str | Path, *, verify: bo
 # writing
 # --------------------------------------------------------------------------------------------
 def write_export_manifest(exported: ExportedModel, source: ModelSource | dict[str, Any],
-                          extra: dict[str, Any] | None = None) -> Path:
+                          extra: dict[str, Any] | None = None, derived_from: str | Path | None = None) -> Path:
     """manifest.json beside ``exported.onnx_path`` (inside the directory being written). ``source`` is
-    the ModelSource exported, or the manifest of the artifact this one was derived from."""
+    the ModelSource exported, or the manifest of the artifact this one was derived from (then pass
+    that artifact's directory as ``derived_from``).
+
+    The checkpoint's tokenizer files (from ``derived_from`` when it has them, else the model source)
+    and genai_config.json are written beside it first, so the artifact runs in onnxruntime-genai and
+    its text stages need nothing outside it (:mod:`llmtrt.pipelines.runtime.genai_config`)."""
+    from llmtrt.pipelines.runtime.genai_config import write_runtime_files
+
     if isinstance(source, dict):
         origin = {k: source.get(k) for k in ("model_source", "model_source_sha256", "seed")}
+        tokenizer_dir = _tokenizer_dir_of(source, derived_from)
     else:
         origin = {"model_source": source_spec(source), "model_source_sha256": source_fingerprint(source),
                   "seed": source.seed}
+        tokenizer_dir = source.checkpoint_dir
+    runtime = write_runtime_files(exported.onnx_path.parent, exported, tokenizer_dir)
     payload = {
         "schema_version": SCHEMA_VERSION,
         "kind": "onnx",
@@ -158,11 +168,25 @@ def write_export_manifest(exported: ExportedModel, source: ModelSource | dict[st
         "io": exported.io.to_dict(),
         "stats": exported.stats,
         "versions": library_versions(),
+        **runtime,
         **(extra or {}),
     }
     path = exported.onnx_path.parent / MANIFEST
     write_json_atomically(path, payload)
     return path
+
+
+def _tokenizer_dir_of(manifest: dict[str, Any], derived_from: str | Path | None) -> Path | None:
+    """Where a derived artifact's tokenizer files come from: the artifact it was made from (its own
+    copies), else the checkpoint both were made from (None when neither has any)."""
+    from llmtrt.pipelines.runtime.tokenizer_files import TOKENIZER_FILES
+
+    if derived_from is not None and any((Path(derived_from) / name).is_file() for name in TOKENIZER_FILES):
+        return Path(derived_from)
+    try:
+        return resolve_model(str(manifest.get("model_source") or ""), seed=int(manifest.get("seed", 0))).checkpoint_dir
+    except LlmtrtUserError:
+        return None
 
 
 def export_artifact(source: ModelSource, out_dir: str | Path, options: ExportOptions = ExportOptions(),  # noqa: B008

@@ -59,3 +59,59 @@ def run_ort(onnx_path, config, batch, decode=None, steps=0, layout="dynamic", ca
 
     with OnnxRuntimeRunner(onnx_path, config, layout) as runner:
         return prefill_then_decode(runner, batch, decode, steps, capacity)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints with real tokenizers
+# --------------------------------------------------------------------------------------------
+REAL_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "real-models"
+STORIES = REAL_MODELS / "stories260k"
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def stories_or_skip() -> Path:
+    """The real pretrained stories260K checkpoint beside the repository, or skip saying where it was looked for."""
+    if not (STORIES / "config.json").is_file():
+        pytest.skip(f"the real checkpoint is not at {STORIES} (../shared/real-models/stories260k)")
+    return STORIES
+
+
+def write_llama3_style_tokenizer(directory: Path, vocab_size: int = 384) -> dict[str, int]:
+    """A byte-level BPE tokenizer trained on the project's calibration text, with Llama 3's special tokens,
+    a post-processor that puts <|begin_of_text|> first, no add_bos_token (as Llama 3 ships it), a chat
+    template, and generation_config.json EOS [<|end_of_text|>, <|eot_id|>]. Returns the special ids."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from llmtrt import configs
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(LLAMA3_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(configs.path("text", "calib.txt"))], trainer)
+    ids = {name: tok.token_to_id(name) for name in LLAMA3_SPECIALS}
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, ids[bos])])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": "<|eot_id|>",
+        "clean_up_tokenization_spaces": False, "model_max_length": 256, "chat_template": LLAMA3_CHAT_TEMPLATE}))
+    (directory / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids[bos], "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}))
+    return ids
+
+
+def make_llama3_style_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A random-init Llama (make_hf_checkpoint) whose tokenizer is Llama-3-like (write_llama3_style_tokenizer)."""
+    make_hf_checkpoint(directory, seed=seed, vocab_size=384)
+    write_llama3_style_tokenizer(directory, vocab_size=384)
+    return directory

@@ -5,8 +5,9 @@
     result.metrics["int8-wo"].perplexity
 
 The text is tokenized (:mod:`llmtrt.pipelines.runtime.tokenizer`), cut into non-overlapping windows of ``seq_len``
-tokens (the last, shorter window too) and each window is scored independently: the first token
-of a window is context only, every later one is a prediction. All artifacts see the same windows,
+tokens (the last, shorter window too), each starting with BOS when the checkpoint's tokenizer adds
+one, and each window is scored independently: its first text token is context only, every later
+one is a prediction. All artifacts see the same windows,
 side by side, so nothing but running sums is kept. Per precision:
 
 - perplexity: ``exp(mean next-token cross-entropy)``, and its relative increase over fp32;
@@ -47,6 +48,9 @@ from llmtrt.pipelines.errors import LlmtrtUserError
 DEFAULT_SEQ_LEN = 256
 DEFAULT_EVAL_TEXT = configs.path("text", "eval.txt")
 _LOGITS_BUDGET = 1 << 26  # logits elements per batch of windows (256 MiB fp32)
+# tokens per batch of windows: bounds every runner's activations too (attention scores grow with
+# rows x heads x seq^2); without it a small vocabulary put all of a 97k-token text in one batch
+_TOKENS_BUDGET = 1 << 13
 
 
 
@@ -75,17 +79,31 @@ def read_eval_tokens(path: str | Path, tokenizer, max_tokens: int | None = None)
     return tokens
 
 
-def windows(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
-    """Non-overlapping windows of ``seq_len`` tokens; a last shorter window is kept if it predicts something."""
-    if seq_len < 2:
-        raise LlmtrtUserError(f"--seq-len must be at least 2, got {seq_len}")
-    out = [tokens[i:i + seq_len] for i in range(0, len(tokens), seq_len)]
-    return [w for w in out if len(w) >= 2]
+def windows(tokens: np.ndarray, seq_len: int, bos_id: int | None = None) -> list[np.ndarray]:
+    """Non-overlapping windows of ``seq_len`` tokens; a last shorter window is kept if it predicts something.
+
+    With ``bos_id`` (a checkpoint that starts every sequence with BOS) each window is BOS followed by
+    the next ``seq_len - 1`` text tokens: the model reads every window the way it reads a prompt.
+    Either way a window's first text token is context only (:func:`context_tokens`): predicting a
+    token cut out of the middle of a text from BOS alone measures the cut, not the model."""
+    if seq_len < 2 + (bos_id is not None):
+        raise LlmtrtUserError(f"--seq-len must be at least {2 + (bos_id is not None)}, got {seq_len}")
+    if bos_id is None:
+        out = [tokens[i:i + seq_len] for i in range(0, len(tokens), seq_len)]
+    else:
+        step, head = seq_len - 1, np.asarray([bos_id], dtype=np.int64)
+        out = [np.concatenate([head, tokens[i:i + step]]) for i in range(0, len(tokens), step)]
+    return [w for w in out if len(w) > context_tokens(bos_id)]
+
+
+def context_tokens(bos_id: int | None) -> int:
+    """Leading tokens of a window that are context only: the first text token, and BOS before it."""
+    return 1 if bos_id is None else 2
 
 
 def _batches(wins: list[np.ndarray], vocab: int) -> list[np.ndarray]:
-    """Equal-length windows stacked into [batch, n] arrays within the logits memory budget."""
-    per = max(1, _LOGITS_BUDGET // (len(wins[0]) * vocab))
+    """Equal-length windows stacked into [batch, n] arrays within the logits and token budgets."""
+    per = max(1, min(_LOGITS_BUDGET // (len(wins[0]) * vocab), _TOKENS_BUDGET // len(wins[0])))
     out, i = [], 0
     while i < len(wins):
         j = i
@@ -115,10 +133,10 @@ def _scorer(runner):
 # evaluation
 # --------------------------------------------------------------------------------------------
 def evaluate_runners(runners: Mapping[str, Any], tokens: np.ndarray, seq_len: int, vocab: int,
-                     reference: str = REFERENCE, progress: Callable[[int, int], None] | None = None
-                     ) -> dict[str, Totals]:
-    """Score every runner (runtime/runners.py, or a plain ``ids -> logits`` function) on the same windows;
-    metrics against ``runners[reference]``."""
+                     reference: str = REFERENCE, progress: Callable[[int, int], None] | None = None,
+                     bos_id: int | None = None) -> dict[str, Totals]:
+    """Score every runner (runtime/runners.py, or a plain ``ids -> logits`` function) on the same windows
+    (:func:`windows`, BOS first when ``bos_id`` is given); metrics against ``runners[reference]``."""
     from contextlib import ExitStack
 
     from llmtrt.pipelines.runtime.runners import DecoderRunner
@@ -126,12 +144,13 @@ def evaluate_runners(runners: Mapping[str, Any], tokens: np.ndarray, seq_len: in
     if reference not in runners:
         raise LlmtrtUserError(f"no {reference} artifact to compare against; include {reference}")
     totals = {name: Totals() for name in runners}
-    batches = _batches(windows(tokens, seq_len), vocab)
+    batches = _batches(windows(tokens, seq_len, bos_id), vocab)
+    skip = context_tokens(bos_id) - 1  # logits at these positions predict context, not scored
     with ExitStack() as stack:
         scorers = {name: _scorer(stack.enter_context(r)) if isinstance(r, DecoderRunner) else r
                    for name, r in runners.items()}
         for done, ids in enumerate(batches, start=1):
-            targets = ids[:, 1:].reshape(-1)
+            targets = ids[:, skip + 1:].reshape(-1)
             logits = {}
             for name, run in scorers.items():
                 t0 = time.perf_counter()
@@ -139,7 +158,7 @@ def evaluate_runners(runners: Mapping[str, Any], tokens: np.ndarray, seq_len: in
                 totals[name].seconds += time.perf_counter() - t0
                 if out.shape != (*ids.shape, vocab):
                     raise RuntimeError(f"{name}: logits shape {out.shape}, expected {(*ids.shape, vocab)}")
-                logits[name] = out[:, :-1].reshape(-1, vocab)
+                logits[name] = out[:, skip:-1].reshape(-1, vocab)
             for name in runners:
                 totals[name].add(logits[name], targets, logits[reference])
             if progress is not None:
@@ -148,9 +167,9 @@ def evaluate_runners(runners: Mapping[str, Any], tokens: np.ndarray, seq_len: in
 
 
 def evaluate(artifact_dir: str | Path, eval_tokens: np.ndarray, seq_len: int = DEFAULT_SEQ_LEN,
-             reference: str | Path | Any | None = None) -> PrecisionMetrics:
+             reference: str | Path | Any | None = None, bos_id: int | None = None) -> PrecisionMetrics:
     """One artifact's metrics on ``eval_tokens``; against ``reference`` (an fp32 artifact dir or a runner),
-    or against itself when None (agreement 1, KL 0: perplexity only)."""
+    or against itself when None (agreement 1, KL 0: perplexity only). ``bos_id``: see :func:`windows`."""
     from llmtrt.pipelines.artifacts import read_manifest
     from llmtrt.pipelines.runtime.artifact_runners import open_runner
     from llmtrt.pipelines.runtime.runners import DecoderRunner
@@ -163,7 +182,7 @@ def evaluate(artifact_dir: str | Path, eval_tokens: np.ndarray, seq_len: int = D
     key = name if name != REFERENCE or reference is None else f"{name} ({artifact_dir})"
     runners[key] = open_runner(artifact_dir)
     totals = evaluate_runners(runners, eval_tokens, seq_len, manifest["config"]["vocab_size"],
-                              reference=REFERENCE if reference is not None else key)
+                              reference=REFERENCE if reference is not None else key, bos_id=bos_id)
     ref_ppl = None if reference is None else _ppl(totals[REFERENCE])
     return PrecisionMetrics.from_totals(name, str(artifact_dir), totals[key], ref_ppl)
 
@@ -175,9 +194,11 @@ def _ppl(t: Totals) -> float:
 def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path = DEFAULT_EVAL_TEXT,
                       max_tokens: int | None = None, thresholds: str | Path | Thresholds | None = None,
                       out_dir: str | Path | None = None, seq_len: int = DEFAULT_SEQ_LEN,
-                      pytorch_reference: bool = True, progress: Callable[[str], None] | None = None
-                      ) -> CompareResult:
-    """Evaluate ``{precision: artifact_dir}`` (fp32 included) and gate them; write reports to ``out_dir``."""
+                      pytorch_reference: bool = True, progress: Callable[[str], None] | None = None,
+                      add_bos: bool | None = None) -> CompareResult:
+    """Evaluate ``{precision: artifact_dir}`` (fp32 included) and gate them; write reports to ``out_dir``.
+
+    Windows start with BOS when the checkpoint's tokenizer adds it (``add_bos=False``: ``--no-bos``)."""
     from llmtrt.exporter.files import sha256_file
     from llmtrt.pipelines.artifacts import read_manifest
     from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
@@ -202,7 +223,8 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
     if seq_len > cfg["max_position_embeddings"]:
         raise LlmtrtUserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
                               f"{cfg['max_position_embeddings']}")
-    tokenizer = load_tokenizer(artifacts[REFERENCE])
+    tokenizer = load_tokenizer(artifacts[REFERENCE], add_bos=add_bos)
+    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
     tokens = read_eval_tokens(eval_text, tokenizer, max_tokens)
     if int(tokens.max()) >= cfg["vocab_size"]:
         raise LlmtrtUserError(f"{eval_text}: token id {int(tokens.max())} >= vocab_size {cfg['vocab_size']}; "
@@ -219,10 +241,10 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
     for name, d in artifacts.items():
         if name != REFERENCE:
             runners[name] = open_runner(d)
-    wins = windows(tokens, seq_len)
+    wins = windows(tokens, seq_len, bos_id)
     say(f"scoring {len(runners)} runners ({', '.join(runners)}) on {len(tokens)} tokens in {len(wins)} windows "
         f"of {seq_len}")
-    totals = evaluate_runners(runners, tokens, seq_len, cfg["vocab_size"],
+    totals = evaluate_runners(runners, tokens, seq_len, cfg["vocab_size"], bos_id=bos_id,
                               progress=lambda i, n: say(f"  batch {i}/{n}") if i == n or i % 8 == 0 else None)
     ref_ppl = _ppl(totals[REFERENCE])
     metrics = {name: PrecisionMetrics.from_totals(name, str(artifacts.get(name, ref_manifest.get("model_source"))),
@@ -230,8 +252,10 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
     checks, ungated = gate(metrics, limits)
     result = CompareResult(metrics, checks, ungated, {
         "text": str(eval_text), "text_sha256": sha256_file(eval_text), "tokens": int(len(tokens)),
-        "seq_len": seq_len, "windows": len(wins), "predictions": totals[REFERENCE].tokens, "tokenizer": tokenizer.name, "max_tokens": max_tokens,
-    }, limits.source, notes)
+        "seq_len": seq_len, "windows": len(wins), "predictions": totals[REFERENCE].tokens, "tokenizer": tokenizer.name,
+        "bos_id": bos_id, "bos_from": tokenizer.special.add_bos_from if bos_id is not None else None,
+        "max_tokens": max_tokens,
+    }, limits.source, [*notes, *tokenizer.special.notes])
     if out_dir is not None:
         write_reports(result, Path(out_dir), say)
     return result

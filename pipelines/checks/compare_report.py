@@ -56,7 +56,9 @@ class CompareResult:
         e = self.eval
         lines = ["# Accuracy per precision", "",
                  f"Held-out text `{e['text']}` ({e['tokens']} tokens, {e['tokenizer']} tokenizer), "
-                 f"non-overlapping windows of {e['seq_len']}, {e['predictions']} predictions; reference "
+                 f"non-overlapping windows of {e['seq_len']}"
+                 f"{'' if e.get('bos_id') is None else ' each starting with BOS (id ' + str(e['bos_id']) + ')'}, "
+                 f"{e['predictions']} predictions; reference "
                  f"{REFERENCE} ONNX; thresholds `{self.thresholds}`.", "", self.table(), "",
                  f"**{'PASSED' if self else 'FAILED'}**: {len(self.checks) - len(self.failed)}/{len(self.checks)} "
                  "checks met.", ""]

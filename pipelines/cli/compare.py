@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -31,8 +33,9 @@ def _split(value: str | None) -> list[str]:
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
               help="Held-out UTF-8 text to score (default: configs/text/eval.txt, bytes-llama's held-out set).")
 @click.option("--calib-text", type=click.Path(dir_okay=False), default=None,
-              help="With --model: calibration text for the quantized precisions (default: the precision "
-                   "step's default, configs/text/calib.txt). Never the eval text.")
+              help="With --model: calibration text for the calibrated precisions (fp16, int8-sq, int4-awq); "
+                   "required for any checkpoint but the built-in bytes-llama (whose default is "
+                   "configs/text/calib.txt). Must not be the eval text.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory: compare.json, compare.md, compare.png (and, with --model, one "
                    "artifact directory per precision).")
@@ -42,13 +45,15 @@ def _split(value: str | None) -> list[str]:
               help="Score only the first N tokens of the eval text (default: all of it).")
 @click.option("--seq-len", type=int, default=256, show_default=True,
               help="Window length: the text is cut into non-overlapping windows scored independently.")
+@click.option("--no-bos", is_flag=True,
+              help="Do not start each window with the BOS token even if the checkpoint's tokenizer adds it.")
 @click.option("--no-pytorch-check", is_flag=True,
               help="Skip running the fp32 PyTorch model beside the fp32 ONNX (the reference cross-check).")
 @click.option("--json", "as_json", is_flag=True, help="Print only compare.json's content.")
 @user_errors
 def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval_text: str | None,
             calib_text: str | None, out_dir: str, thresholds: str | None, max_tokens: int | None, seq_len: int,
-            no_pytorch_check: bool, as_json: bool) -> None:
+            no_bos: bool, no_pytorch_check: bool, as_json: bool) -> None:
     """Accuracy of each precision against fp32 on held-out text; exit 1 when a threshold is exceeded.
 
     \b
@@ -59,7 +64,10 @@ def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval
       max abs logit error  max |logits - fp32 logits|
     The fp32 ONNX export is the reference and is itself checked against the fp32 PyTorch model.
     Artifacts run in ONNX Runtime on CPU. Tokens: bytes for byte-level models (bytes-llama), else
-    the checkpoint's tokenizer.json.
+    the checkpoint's tokenizer.json; each window starts with BOS when the checkpoint's tokenizer adds
+    one (tokenizer_config.json add_bos_token, or tokenizer.json's post-processor).
+    With --model, everything the run needs (tokenizer, eval and calibration text, precision names,
+    a writable --out) is checked before the export starts.
 
     \b
     Exit status: 0 all thresholds met, 1 a threshold exceeded, 2 bad usage or input.
@@ -71,6 +79,7 @@ def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval
       llmtrt compare --model ./my-llama --precisions fp32,int4-awq,int4-rtn --calib-text calib.txt \\
           --eval-text eval.txt --max-tokens 4096 --out out/cmp
     """
+    from llmtrt.exporter.files import check_out_dir
     from llmtrt.pipelines.checks.accuracy import load_thresholds
     from llmtrt.pipelines.checks.compare import DEFAULT_EVAL_TEXT, compare_artifacts
 
@@ -81,14 +90,17 @@ def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval
         raise LlmtrtUserError(f"--max-tokens must be at least 2, got {max_tokens}")
     limits = load_thresholds(thresholds) if thresholds else None  # a bad YAML fails before any work
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
+    add_bos = False if no_bos else None
+    eval_text = eval_text or str(DEFAULT_EVAL_TEXT)
     if model_spec:
-        built = _build(model_spec, _split(precisions), calib_text, out, say, quiet=as_json)
+        plan = _plan(model_spec, _split(precisions), calib_text, eval_text, max_tokens, seq_len, add_bos, as_json)
+        built = _build(plan, out, say)
     else:
         built = _collect(_split(artifacts))
-    result = compare_artifacts(built, eval_text=eval_text or DEFAULT_EVAL_TEXT, max_tokens=max_tokens,
-                               thresholds=limits, out_dir=out, seq_len=seq_len,
-                               pytorch_reference=not no_pytorch_check, progress=say)
+    result = compare_artifacts(built, eval_text=eval_text, max_tokens=max_tokens, thresholds=limits, out_dir=out,
+                               seq_len=seq_len, pytorch_reference=not no_pytorch_check, progress=say,
+                               add_bos=add_bos)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -120,27 +132,75 @@ def _collect(dirs: list[str]) -> dict[str, str]:
     return found
 
 
-def _build(model_spec: str, precisions: list[str], calib_text: str | None, out: Path, say,
-           quiet: bool = False) -> dict[str, str]:
-    """Export fp32 to OUT/fp32 and quantize each other precision to OUT/<precision>."""
+@dataclass(frozen=True)
+class _Plan:
+    """What `compare --model` will do, every input checked."""
+
+    source: Any
+    others: list[str]              # precisions besides fp32
+    quantize: Any                  # llmtrt.pipelines.precision.quantize.quantize (None with fp32 only)
+    options: Any                   # its PrecisionOptions
+
+
+def _plan(model_spec: str, precisions: list[str], calib_text: str | None, eval_text: str, max_tokens: int | None,
+          seq_len: int, add_bos: bool | None, quiet: bool) -> _Plan:
+    """Check everything the run needs before the export starts: the model's config and tokenizer, the
+    eval text, the precision names, and calibration text that is not the eval text."""
     from llmtrt.exporter.config import resolve_model
-    from llmtrt.pipelines.artifacts import export_artifact
+    from llmtrt.pipelines.checks.compare import read_eval_tokens
+    from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
     if not precisions:
         raise LlmtrtUserError("--precisions: empty; e.g. --precisions fp32,fp16,int8-wo")
-    others = [p for p in dict.fromkeys(precisions) if p != "fp32"]
-    quantize, options = _precision_step(others, calib_text, quiet)
     source = resolve_model(model_spec)
-    say(f"exporting {source.config.name} to {out / 'fp32'}")
-    export_artifact(source, out / "fp32")
+    if seq_len > source.config.max_position_embeddings:
+        raise LlmtrtUserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                              f"{source.config.max_position_embeddings}")
+    tokenizer = load_tokenizer(model_spec, add_bos=add_bos)
+    read_eval_tokens(eval_text, tokenizer, max_tokens)
+    others = [p for p in dict.fromkeys(precisions) if p != "fp32"]
+    quantize, options = _precision_step(others, calib_text, quiet, add_bos)
+    if quantize is not None:
+        _check_calibration_text(source, others, calib_text, eval_text)
+    return _Plan(source, others, quantize, options)
+
+
+def _check_calibration_text(source, precisions: list[str], calib_text: str | None, eval_text: str) -> None:
+    from llmtrt.exporter.config import MODELS_DIR
+    from llmtrt.exporter.files import sha256_file
+    from llmtrt.pipelines.precision.calibration import DEFAULT_CALIB_TEXT, read_calibration_text
+    from llmtrt.pipelines.precision.quantize import PRECISIONS
+
+    calibrated = [p for p in precisions if PRECISIONS[p].calibrated]
+    if not calibrated:
+        return
+    builtin = source.checkpoint_dir is None or Path(source.checkpoint_dir).resolve().parent == MODELS_DIR.resolve()
+    if calib_text is None and not builtin:
+        raise LlmtrtUserError(f"--calib-text is required: {', '.join(calibrated)} calibrate(s) on text like the "
+                              f"model's inputs, and the default ({DEFAULT_CALIB_TEXT.name}) is the built-in model's "
+                              f"Python documentation, not text for {source.checkpoint_dir.name}; pass --calib-text "
+                              "FILE (disjoint from --eval-text)")
+    text = Path(calib_text) if calib_text is not None else DEFAULT_CALIB_TEXT
+    read_calibration_text(text)
+    if sha256_file(text) == sha256_file(eval_text):
+        raise LlmtrtUserError(f"--calib-text {text} has the same content as --eval-text {eval_text}; calibrating on "
+                              "the text that is scored hides quantization error: use disjoint texts")
+
+
+def _build(plan: _Plan, out: Path, say) -> dict[str, str]:
+    """Export fp32 to OUT/fp32 and quantize each other precision to OUT/<precision>, each written whole."""
+    from llmtrt.pipelines.artifacts import export_artifact
+
+    say(f"exporting {plan.source.config.name} to {out / 'fp32'}")
+    export_artifact(plan.source, out / "fp32")
     built = {"fp32": str(out / "fp32")}
-    for precision in others:
+    for precision in plan.others:
         say(f"quantizing to {precision} in {out / precision}")
-        built[precision] = str(quantize(out / "fp32", out / precision, precision, options))
+        built[precision] = str(plan.quantize(out / "fp32", out / precision, precision, plan.options))
     return built
 
 
-def _precision_step(precisions: list[str], calib_text: str | None, quiet: bool = False):
+def _precision_step(precisions: list[str], calib_text: str | None, quiet: bool = False, add_bos: bool | None = None):
     """llmtrt.pipelines.precision.quantize.quantize and its options, after checking every name against its registry."""
     if not precisions:
         return None, None
@@ -158,9 +218,11 @@ def _precision_step(precisions: list[str], calib_text: str | None, quiet: bool =
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(step.PrecisionOptions)}
-    changes = {"calib_text": calib_text} if calib_text is not None else {}
+    changes: dict[str, Any] = {"calib_text": calib_text} if calib_text is not None else {}
     if "progress" in names:
         changes["progress"] = not quiet
+    if "add_bos" in names:  # calibration windows start with BOS as the checkpoint says (--no-bos: never)
+        changes["add_bos"] = add_bos
     if "calib_text" in changes and "calib_text" not in names:
         raise LlmtrtUserError("--calib-text: this precision step takes no calibration text option")
     return step.quantize, step.PrecisionOptions(**changes)

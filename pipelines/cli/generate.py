@@ -15,8 +15,13 @@ from llmtrt.pipelines.errors import LlmtrtUserError
 @click.option("--model", "model_spec", default=None, metavar="PRESET|DIR",
               help="Generate with the fp32 PyTorch model (the reference) instead of an artifact: a preset name "
                    "(bytes-llama, tiny, ...) or an HF checkpoint directory.")
-@click.option("--prompt", required=True, help="Text to continue (encoded with the model's tokenizer: bytes for "
-                                              "bytes-llama, tokenizer.json otherwise).")
+@click.option("--prompt", required=True, help="Text to continue, encoded as the checkpoint does: its tokenizer.json "
+                                              "(BOS first when its tokenizer_config.json / tokenizer.json adds one), "
+                                              "bytes for bytes-llama.")
+@click.option("--no-bos", is_flag=True, help="Do not put the BOS token before the prompt even if the checkpoint adds it.")
+@click.option("--chat", is_flag=True, help="Send PROMPT as a user turn through the checkpoint's chat template "
+                                           "(tokenizer_config.json chat_template or chat_template.jinja); "
+                                           "prints the reply only.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True,
               help="Stop after this many new tokens (earlier at EOS or when the graph's positions run out).")
 @click.option("--greedy/--sample", default=True, show_default=True,
@@ -36,7 +41,8 @@ from llmtrt.pipelines.errors import LlmtrtUserError
               help="Print only a JSON summary (text, new_tokens, prefill_ms, prefill_tokens_per_s, "
                    "decode_tokens_per_s, stop_reason, ...).")
 @user_errors
-def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_tokens: int, greedy: bool,
+def generate(artifact: str | None, model_spec: str | None, prompt: str, no_bos: bool, chat: bool,
+             max_new_tokens: int, greedy: bool,
              temperature: float | None, top_p: float | None, seed: int, stream: bool, provider: str,
              precision: str | None, as_json: bool) -> None:
     """Continue PROMPT with the KV cache: prefill the prompt, then one token per step.
@@ -44,7 +50,9 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_
     ARTIFACT is a directory written by `llmtrt export` / the precision stage (manifest.json; run with
     ONNX Runtime) or by `llmtrt build` (engine.<precision>.plan + .json; run with TensorRT, needs a
     GPU). With --model instead, the fp32 PyTorch model generates (the reference the others must match
-    token for token when greedy). Prefill and decode speeds go to stderr.
+    token for token when greedy). Generation stops at any EOS id of the checkpoint's
+    generation_config.json. stdout is the prompt as the model read it followed by the new text, which
+    is the whole sequence decoded; prefill and decode speeds go to stderr.
 
     \b
     Examples:
@@ -53,6 +61,7 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_
       llmtrt generate out/onnx --prompt "x = " --temperature 0.8 --top-p 0.9 --seed 3 --stream
       llmtrt generate out/engines --precision fp16 --prompt "The for statement"  (GPU)
       llmtrt generate out/onnx --prompt "The for statement" --json
+      llmtrt generate out/llama-instruct --chat --prompt "Name three colors."
     """
     from llmtrt.exporter.config import resolve_model
     from llmtrt.pipelines.runtime import generate as gen
@@ -69,30 +78,32 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_
         greedy = False
     sampling = gen.Sampling(greedy=greedy, temperature=1.0 if temperature is None else temperature,
                             top_p=1.0 if top_p is None else top_p, seed=seed)
-    if artifact is not None:
-        runner = open_runner(artifact, provider=provider, precision=precision)
-        source = gen.model_dir_for(artifact)
-    else:
-        runner = PyTorchRunner(resolve_model(model_spec))
-        source = model_spec
-    tokenizer = load_tokenizer(source)
-    eos = gen.eos_token_ids(source)
+    source = gen.model_dir_for(artifact) if artifact is not None else model_spec
+    tokenizer = load_tokenizer(source, add_bos=False if no_bos else None)  # before any model is loaded
+    if chat:
+        tokenizer.chat_ids(prompt)  # no chat template, or one that fails to render: fail now
+    runner = (open_runner(artifact, provider=provider, precision=precision) if artifact is not None
+              else PyTorchRunner(resolve_model(model_spec)))
 
     def on_text(row: int, chunk: str) -> None:
         click.echo(chunk, nl=False)
 
+    streaming = stream and not as_json
     with runner:
         if not as_json:
             click.echo(f"generating with {runner.description}", err=True)
-        if stream and not as_json:
-            click.echo(prompt, nl=False)
+            for note in tokenizer.special.notes:
+                click.echo(f"note: {note}", err=True)
+        if streaming and not chat:
+            click.echo(_prompt_text(tokenizer, prompt), nl=False)
         result = gen.generate(runner, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                              eos_ids=eos, on_text=on_text if stream and not as_json else None)
+                              chat=chat, on_text=on_text if streaming else None)
     s = result.stats
     reason = result.stop_reasons[0]
     if as_json:
         click.echo(json.dumps({
-            "text": result.texts[0], "prompt": prompt, "tokens": result.tokens[0], "new_tokens": s.new_tokens,
+            "text": result.texts[0], "prompt": prompt, "prompt_ids": result.prompt_ids[0],
+            "tokens": result.tokens[0], "new_tokens": s.new_tokens,
             "stop_reason": reason, "prompt_tokens": s.prompt_tokens, "prefill_ms": s.prefill_ms,
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_ms": s.decode_ms,
             "decode_tokens_per_s": s.decode_tokens_per_s, "runner": runner.description,
@@ -102,7 +113,7 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_
     if stream:
         click.echo()
     else:
-        click.echo(prompt + result.texts[0])
+        click.echo(result.texts[0] if chat else result.prompt_texts[0] + result.texts[0])
     if reason == "max_positions":
         click.echo(f"stopped after {s.new_tokens} new tokens: prompt + output fill the {runner.max_positions} "
                    "positions the artifact holds (re-export with a larger --max-seq for longer output)", err=True)
@@ -111,3 +122,8 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, max_new_
     click.echo(f"prefill: {s.prompt_tokens} tokens in {s.prefill_ms:.1f} ms ({s.prefill_tokens_per_s:.0f} tokens/s); "
                f"decode: {s.decode_steps} steps in {s.decode_ms:.1f} ms ({s.decode_tokens_per_s:.0f} tokens/s)",
                err=True)
+
+
+def _prompt_text(tokenizer, prompt: str) -> str:
+    """The prompt as the model reads it (its ids decoded): the text the streamed chunks continue."""
+    return tokenizer.decode(tokenizer.prompt_ids(prompt))

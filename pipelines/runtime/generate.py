@@ -8,13 +8,13 @@
 The loop is the same for every runner (runtime/runners.py): prefill the (left-padded) prompts in one
 call, then one token per call with the runner's cache. Tokens are greedy or temperature + top-p
 samples from a seeded numpy Generator, so a seed reproduces a sample on every backend that computes
-the same logits.
+the same logits. Prompts are encoded as the checkpoint does (BOS first when its tokenizer adds one,
+or through its chat template) and the new tokens are detokenized incrementally after the prompt, so
+the prompt's text plus the streamed text is the decoded sequence, spaces included.
 """
 
 from __future__ import annotations
 
-import codecs
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,7 +73,7 @@ class Sampling:
 
 
 # --------------------------------------------------------------------------------------------
-# model facts: tokenizer source and EOS ids
+# the tokenizer behind an artifact
 # --------------------------------------------------------------------------------------------
 def model_dir_for(artifact: str | Path) -> str:
     """What to hand ``load_tokenizer``: the ONNX directory (its manifest names the model) for any artifact."""
@@ -83,74 +83,6 @@ def model_dir_for(artifact: str | Path) -> str:
     if artifact_kind(artifact) == "engine":
         return str(Path(read_engine_manifest(artifact)[1]["onnx"]).parent)
     return str(artifact)
-
-
-def eos_token_ids(model: str | Path) -> list[int]:
-    """``eos_token_id`` from generation_config.json (else config.json) of the checkpoint behind ``model``
-    (a preset, an HF dir, or an artifact whose manifest names one); [] when there is none (bytes-llama)."""
-    from llmtrt.exporter.config import resolve_model
-
-    path = Path(model)
-    spec = str(model)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        spec = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("model_source") or ""
-    try:
-        checkpoint = resolve_model(spec).checkpoint_dir if spec else None
-    except LlmtrtUserError:
-        return []
-    if checkpoint is None:
-        return []
-    for name in ("generation_config.json", "config.json"):
-        file = checkpoint / name
-        if not file.is_file():
-            continue
-        value = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-        if value is not None:
-            return [int(v) for v in (value if isinstance(value, list) else [value])]
-    return []
-
-
-# --------------------------------------------------------------------------------------------
-# incremental detokenization
-# --------------------------------------------------------------------------------------------
-class TextStream:
-    """Decode tokens as they arrive, never emitting half a character.
-
-    Byte tokenizers go through an incremental UTF-8 decoder (an incomplete multi-byte sequence is
-    held back until its last byte arrives); other tokenizers re-decode the whole sequence and emit
-    the new suffix once it no longer ends in U+FFFD. ``finish()`` flushes, so the concatenated
-    chunks equal ``tokenizer.decode(all ids)``.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer
-
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
-        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace") \
-            if isinstance(tokenizer, ByteTokenizer) else None
-
-    def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        if self._bytes is not None:
-            chunk = self._bytes.decode(bytes([int(token)]))
-        else:
-            text = self.tokenizer.decode(self.ids)
-            if text.endswith("\ufffd") or not text.startswith(self.emitted):
-                return ""
-            chunk = text[len(self.emitted):]
-        self.emitted += chunk
-        return chunk
-
-    def finish(self) -> str:
-        if self._bytes is not None:
-            chunk = self._bytes.decode(b"", final=True)
-        else:
-            text = self.tokenizer.decode(self.ids)
-            chunk = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted += chunk
-        return chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,11 +104,13 @@ class Generation:
     tokens: list[list[int]]        # new tokens per prompt, EOS excluded
     stop_reasons: list[str]        # per prompt: max_new_tokens | eos | max_positions
     stats: GenerationStats
-    texts: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)         # the text the new tokens add, per prompt
+    prompt_ids: list[list[int]] = field(default_factory=list)   # what the model read (BOS, chat template)
+    prompt_texts: list[str] = field(default_factory=list)  # decode(prompt ids): the prompt as the model saw it
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "texts": self.texts, "stop_reasons": self.stop_reasons,
-                **asdict(self.stats)}
+                "prompt_ids": self.prompt_ids, **asdict(self.stats)}
 
 
 def generate_ids(runner: DecoderRunner, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
@@ -254,22 +188,32 @@ def generate_ids(runner: DecoderRunner, prompts: Sequence[Sequence[int]], *, max
 
 
 def generate(runner: DecoderRunner, tokenizer: Any, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
-             sampling: Sampling = Sampling(), eos_ids: Sequence[int] = (),
+             sampling: Sampling = Sampling(), eos_ids: Sequence[int] | None = None, chat: bool = False,
              on_text: Callable[[int, str], None] | None = None) -> Generation:
-    """Text in, text out: encode, :func:`generate_ids`, decode. ``on_text(row, chunk)`` streams text."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    streams = [TextStream(tokenizer) for _ in prompts]
+    """Text in, text out: encode as the checkpoint does, :func:`generate_ids`, detokenize incrementally.
 
-    def on_token(row: int, token: int) -> None:
-        chunk = streams[row].push(token)
+    Each prompt becomes ``tokenizer.prompt_ids`` (BOS first when the checkpoint adds it) or, with
+    ``chat``, a one-turn conversation through the checkpoint's chat template. Generation stops at any
+    of ``eos_ids`` (default: the checkpoint's EOS ids). ``on_text(row, chunk)`` streams text;
+    ``result.prompt_texts[i] + result.texts[i] == tokenizer.decode(prompt ids + new ids)``.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    encoded = [tokenizer.chat_ids(p) if chat else tokenizer.prompt_ids(p) for p in prompts]
+    streams = [tokenizer.stream(ids) for ids in encoded]
+    texts = [""] * len(prompts)
+
+    def emit(row: int, chunk: str) -> None:
+        texts[row] += chunk
         if chunk and on_text is not None:
             on_text(row, chunk)
 
-    result = generate_ids(runner, [tokenizer.encode(p) for p in prompts], max_new_tokens=max_new_tokens,
-                          sampling=sampling, eos_ids=eos_ids, on_token=on_token)
+    result = generate_ids(runner, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
+                          eos_ids=tokenizer.eos_ids if eos_ids is None else eos_ids,
+                          pad_id=tokenizer.pad_id or 0,
+                          on_token=lambda row, token: emit(row, streams[row].push(token)))
     for row, stream in enumerate(streams):
-        tail = stream.finish()
-        if tail and on_text is not None:
-            on_text(row, tail)
-    result.texts = [tokenizer.decode(t) for t in result.tokens]
+        emit(row, stream.finish())
+    result.texts = texts
+    result.prompt_ids = encoded
+    result.prompt_texts = [tokenizer.decode(ids) for ids in encoded]
     return result

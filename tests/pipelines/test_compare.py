@@ -95,6 +95,27 @@ def test_windows_are_non_overlapping_and_keep_a_useful_tail():
         windows(tokens, 1)
 
 
+def test_windows_start_with_bos_when_the_checkpoint_adds_it():
+    tokens = np.arange(10, 18)
+    assert [w.tolist() for w in windows(tokens, 4, bos_id=1)] == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17]]
+    assert [len(w) for w in windows(np.arange(7), 4, bos_id=1)] == [4, 4]  # [BOS, t] predicts nothing scored
+    with pytest.raises(LlmtrtUserError, match="--seq-len must be at least 3"):
+        windows(tokens, 2, bos_id=1)
+    seen, vocab = [], 20
+
+    def run(ids):  # logits at position p put all mass on the token that follows in the window
+        seen.append(ids.tolist())
+        out = np.zeros((*ids.shape, vocab))
+        out[:, :-1][np.arange(ids.shape[0])[:, None], np.arange(ids.shape[1] - 1), ids[:, 1:]] = 50.0
+        out[:, 0, 5] = 100.0  # BOS -> first text token (a cut mid-text) is wrong on purpose: not scored
+        return out
+
+    totals = evaluate_runners({"fp32": run}, tokens, seq_len=4, vocab=vocab, bos_id=1)
+    assert seen == [[[1, 10, 11, 12], [1, 13, 14, 15]], [[1, 16, 17]]]
+    assert totals["fp32"].tokens == 2 + 2 + 1      # the first text token of each window is context only
+    assert totals["fp32"].correct == totals["fp32"].tokens
+
+
 def test_pluggable_runners_see_the_same_windows():
     vocab, seen = 5, []
     rng = np.random.default_rng(0)
@@ -300,22 +321,23 @@ def test_cli_exit_codes(artifacts, tmp_path):
 
 def test_cli_usage_errors(artifacts, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(main, ["compare", "--out", str(tmp_path)])
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["compare", "--out", str(out)])
     assert res.exit_code == 2 and "exactly one of --model" in res.output
-    res = runner.invoke(main, ["compare", "--artifacts", str(artifacts["fp16"]), "--out", str(tmp_path)])
+    res = runner.invoke(main, ["compare", "--artifacts", str(artifacts["fp16"]), "--out", str(out)])
     assert res.exit_code == 2 and "no fp32 artifact" in res.output
     res = runner.invoke(main, ["compare", "--artifacts", f"{artifacts['fp32']},{artifacts['fp32']}",
-                               "--out", str(tmp_path)])
+                               "--out", str(out)])
     assert res.exit_code == 2 and "both fp32" in res.output
     limits = tmp_path / "limits.yaml"
     limits.write_text("precisions:\n  fp16:\n    max_kl: 1\n")
     res = runner.invoke(main, ["compare", "--artifacts", str(artifacts["fp32"]), "--thresholds", str(limits),
-                               "--out", str(tmp_path)])
+                               "--out", str(out)])
     assert res.exit_code == 2 and "limits.yaml:3: precisions.fp16.max_kl: unknown key" in res.output
     res = runner.invoke(main, ["compare", "--model", "bytes-llama", "--precisions", "fp32,int9",
-                               "--out", str(tmp_path)])
+                               "--out", str(out)])
     assert res.exit_code == 2 and "int9" in res.output
-    assert not (tmp_path / "compare.json").exists()
+    assert not out.exists()
 
 
 def test_cli_model_exports_fp32(tmp_path):
@@ -385,3 +407,45 @@ def test_cli_model_quantizes_with_the_precision_step(tmp_path):
     assert json.loads((tmp_path / "int8-wo" / "manifest.json").read_text())["precision"] == "int8-wo"
     m = payload["metrics"]["int8-wo"]
     assert 0 < m["max_abs_logit_error"] and m["perplexity_increase"] <= 0.005 and m["top1_agreement"] >= 0.97
+
+
+def test_cli_model_checks_every_input_before_exporting(tmp_path, monkeypatch, hf_checkpoint):
+    """The issue: no tokenizer.json failed after 11 s of exporting and left fp32/ behind; without
+    --calib-text a story model was calibrated on Python documentation."""
+    import llmtrt.pipelines.artifacts as artifacts_module
+    from tests.conftest import write_llama3_style_tokenizer
+
+    pytest.importorskip("tokenizers")
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("export started")
+
+    monkeypatch.setattr(artifacts_module, "export_artifact", no_export)
+    ckpt = hf_checkpoint("ckpt", vocab_size=384)
+    out = tmp_path / "cmp"
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time there was a fox. " * 50)
+    same = tmp_path / "same.txt"
+    same.write_bytes(EVAL.read_bytes())
+
+    def run(*args):
+        return CliRunner().invoke(main, ["compare", "--model", str(ckpt), "--out", str(out), *args])
+
+    cases = [((), "no tokenizer.json")]
+    for args, message in cases:
+        res = run(*args)
+        assert res.exit_code == 2 and message in res.output, res.output
+    write_llama3_style_tokenizer(ckpt)
+    cases = [(("--precisions", "fp32,fp16"), "--calib-text is required: fp16"),
+             (("--precisions", "fp32,int4-awq", "--calib-text", str(tmp_path / "nope.txt")), "nope.txt"),
+             (("--precisions", "fp32,int8-sq", "--calib-text", str(same)), "same content as --eval-text"),
+             (("--precisions", "fp32,int8-wo", "--eval-text", str(tmp_path / "gone.txt")), "no such eval text"),
+             (("--precisions", "fp32", "--seq-len", "4096"), "exceeds the model's max_position_embeddings")]
+    for args, message in cases:
+        res = run(*args)
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+        assert not out.exists()
+    # the same checks pass with good inputs, and the export is what comes next (int8-wo needs no text)
+    for args in (("--precisions", "fp32,fp16", "--calib-text", str(calib)), ("--precisions", "fp32,int8-wo")):
+        res = run(*args)
+        assert isinstance(res.exception, AssertionError) and str(res.exception) == "export started", res.output

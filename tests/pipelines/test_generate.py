@@ -17,15 +17,9 @@ from llmtrt.exporter.onnx_export import ExportOptions
 from llmtrt.pipelines.artifacts import export_artifact
 from llmtrt.pipelines.cli import main
 from llmtrt.pipelines.runtime.artifact_runners import open_runner
-from llmtrt.pipelines.runtime.generate import (
-    Sampling,
-    TextStream,
-    eos_token_ids,
-    generate,
-    generate_ids,
-)
+from llmtrt.pipelines.runtime.generate import Sampling, generate, generate_ids
 from llmtrt.pipelines.runtime.runners import PyTorchRunner
-from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer
+from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL = (REPO / "configs/text/eval.txt").read_bytes()
@@ -157,8 +151,8 @@ def test_eos_from_generation_config_stops_the_cli(tmp_path, reference):
     shutil.copytree(REPO / "configs/models/bytes-llama", ckpt)
     eos = reference[5]
     (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 255]}))
-    assert eos_token_ids(ckpt) == [eos, 255]
-    assert eos_token_ids("bytes-llama") == []  # the built-in model has no EOS
+    assert load_tokenizer(ckpt).eos_ids == (eos, 255)
+    assert load_tokenizer("bytes-llama").eos_ids == ()  # the built-in model has no EOS
     res = CliRunner().invoke(main, ["generate", "--model", str(ckpt), "--prompt", bytes(PROMPT).decode(),
                                     "--max-new-tokens", str(NEW), "--json"])
     assert res.exit_code == 0, res.output
@@ -216,27 +210,12 @@ def test_stream_prints_the_same_text(artifacts):
 
 def test_text_stream_never_splits_a_character():
     data = "héllo ✓ 🐍 ".encode() + b"\xff ok \xe2\x9c"  # an invalid byte, then a truncated tail
-    stream = TextStream(ByteTokenizer())
+    stream = ByteTokenizer().stream()
     chunks = [stream.push(b) for b in data]
     chunks.append(stream.finish())
     assert "".join(chunks) == data.decode("utf-8", errors="replace") == ByteTokenizer().decode(list(data))
     assert "🐍" in chunks and "✓" in chunks  # multi-byte characters come out whole, once complete
     assert chunks[data.index("🐍".encode()) + 1:data.index("🐍".encode()) + 3] == ["", ""]
-
-
-class _PieceTokenizer:
-    """A non-byte tokenizer whose ids are byte pieces (stands in for tokenizer.json byte fallback)."""
-
-    pieces = {0: b"a", 1: b"\xf0\x9f", 2: b"\x90\x8d", 3: b" b"}
-
-    def decode(self, ids):
-        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
-
-
-def test_text_stream_for_other_tokenizers_holds_back_partial_characters():
-    stream = TextStream(_PieceTokenizer())
-    assert [stream.push(i) for i in (0, 1, 2, 3)] == ["a", "", "🐍", " b"]
-    assert stream.finish() == ""
 
 
 def test_generate_text_api_accepts_a_list_of_prompts(artifacts):
