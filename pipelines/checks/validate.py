@@ -136,8 +136,9 @@ def _prepare(artifact_dir: Path, options: ValidateOptions) -> _Setup:
     steps = options.decode_steps
     rope_rows = max_positions_from_file(exported.onnx_path) or exported.config.max_position_embeddings
     reference = reference_runner(manifest, artifact_dir / "manifest.json", max_positions=rope_rows)
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # every prompt starts as the checkpoint says
     if options.prompt is not None:
-        prompts = prompt_rows(tokenizer.encode(options.prompt), options.batch)
+        prompts = [bos + row for row in prompt_rows(tokenizer.encode(options.prompt), options.batch)]
         source_desc = {"prompt": options.prompt}
     else:
         text_path = Path(options.text or DEFAULT_TEXT)
@@ -146,6 +147,7 @@ def _prepare(artifact_dir: Path, options: ValidateOptions) -> _Setup:
         except (OSError, UnicodeDecodeError) as exc:
             raise LlmtrtUserError(f"--text {text_path}: cannot read it as UTF-8 text ({exc})") from None
         prompts, decode_tokens = text_prompts(tokenizer.encode(text), options.batch, options.prompt_tokens, steps)
+        prompts = [bos + p for p in prompts]
         source_desc = {"text": str(text_path)}
     total = Batch.left_padded(prompts).width + steps
     if total > rope_rows:
@@ -211,7 +213,8 @@ def _run(s: _Setup, options: ValidateOptions, findings, stage: Path | None) -> V
     return ValidationReport(
         artifact=str(s.directory), precision=s.manifest["precision"], passed=passed, outputs=rows,
         kv_cache=kv_rows, runners=runner_info, integrity=[f.to_dict() for f in findings], layerwise=layer,
-        inputs={**s.source_desc, "tokenizer": s.tokenizer.name, "batch": options.batch,
+        inputs={**s.source_desc, "tokenizer": s.tokenizer.name, "bos_id": s.tokenizer.bos_id if s.tokenizer.add_bos
+                else None, "batch": options.batch,
                 "prompt_lengths": [len(p) for p in s.prompts], "decode_steps": steps,
                 "decode_tokens": s.plan.decode_tokens.tolist(), "kv_cache": s.layout.name,
                 "cache_capacity": s.plan.capacity, "cache_dtype": np.dtype(cache_dtype).name},
