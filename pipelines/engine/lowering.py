@@ -159,16 +159,21 @@ def lower(model: onnx.ModelProto, mode: str, *, dims: dict[str, int] | None = No
     return out
 
 
-def lower_file(src: str | Path, dst: str | Path, mode: str, **options: object) -> Path:
-    """Lower an ONNX file without loading its external weights; ``dst`` keeps pointing at them.
+def lower_file(src: str | Path, dst: str | Path, mode: str, *, model: onnx.ModelProto | None = None,
+               **options: object) -> Path:
+    """Lower an ONNX file into ``dst`` without copying its weights: ``dst`` points at them.
 
-    TensorRT's parser refuses external-data paths that climb out of the model's directory
-    ("Relative paths to parent (../) are not allowed in ONNX external weights"), so weights in
-    another directory are hard-linked (or symlinked) next to ``dst``.
+    ``model`` is ``src`` as ``onnx_layout.weightless_model`` reads it (default: read here): weights in
+    external-data files stay there, and weights stored inline in ``src`` (exports under protobuf's
+    2 GB limit) are referenced at their byte offsets inside ``src``. TensorRT's parser refuses
+    external-data paths that climb out of the model's directory ("Relative paths to parent (../)
+    are not allowed in ONNX external weights"), so files in another directory are hard-linked (or
+    symlinked) next to ``dst``.
     """
+    from llmtrt.pipelines.engine.onnx_layout import weightless_model
+
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src), load_external_data=False)
-    lowered = lower(model, mode, **options)
+    lowered = lower(model if model is not None else weightless_model(src), mode, **options)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _relocate_external_data(lowered, src.parent, dst.parent)
     tmp = dst.with_name(f".{dst.name}.partial")

@@ -86,19 +86,23 @@ def test_build_tiny(exports, tmp_path, dialect, lower, kv_cache):
                             "onnx_sha256": export["onnx_sha256"]}
     assert mf["lowering"]["mode"] == lower and (out / f"model.{lower}.onnx").is_file()
     assert mf["network"]["num_layers"] == summary["layers"] > 0
-    assert [p["name"] for p in mf["profiles"]] == ["prefill", "decode"]
-    shapes = [p["shapes"] for p in mf["profiles"]]
+    # one optimization profile covering prefill and decode: TensorRT-RTX stores the weights per profile
+    [profile] = mf["profiles"]
+    assert profile["name"] == "prefill+decode" and [p["name"] for p in profile["covers"]] == ["prefill", "decode"]
+    shapes = profile["shapes"]
     types = {layer["type"] for layer in mf["network"]["layers"]}
     if kv_cache == "static":
-        assert all(p["max_cache_length"] == 48 and "past" not in p for p in mf["profiles"])
-        assert shapes[1]["past_key_values.1.value"] == {"min": [1, 2, 48, 16], "opt": [2, 2, 48, 16],
-                                                        "max": [2, 2, 48, 16]}
-        assert shapes[0]["write_indices"] == {"min": [1], "opt": [2], "max": [2]}
+        assert all(p["max_cache_length"] == 48 and "past" not in p for p in [profile, *profile["covers"]])
+        assert shapes["past_key_values.1.value"] == {"min": [1, 2, 48, 16], "opt": [2, 2, 48, 16],
+                                                     "max": [2, 2, 48, 16]}
+        assert shapes["write_indices"] == {"min": [1], "opt": [2], "max": [2]}
+        assert shapes["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [2, 16]}
         assert mf["lowering"]["pinned_dims"] == {"max_cache_length": 48}
     else:
-        assert mf["profiles"][1]["past"] == {"min": 1, "opt": 24, "max": 48}
-        assert shapes[1]["attention_mask"] == {"min": [1, 2], "opt": [2, 25], "max": [2, 49]}
-        assert shapes[0]["past_key_values.0.key"]["max"] == [2, 2, 0, 16]
+        assert profile["covers"][1]["past"] == {"min": 1, "opt": 24, "max": 48}
+        assert profile["past"] == {"min": 0, "opt": 24, "max": 48}
+        assert shapes["attention_mask"] == {"min": [1, 1], "opt": [2, 25], "max": [2, 49]}  # never past + prompt
+        assert shapes["past_key_values.0.key"] == {"min": [1, 2, 0, 16], "opt": [2, 2, 24, 16], "max": [2, 2, 48, 16]}
     if lower == "native" and dialect != "decomposed":
         assert {"ROTARY_EMBEDDING", "ATTENTION_INPUT"} <= types
         assert ("KV_CACHE_UPDATE" in types) == (kv_cache == "static")  # TensorScatter: in-place cache update
@@ -179,8 +183,14 @@ def test_profiles_yaml(exports, tmp_path):
     result = invoke("build", exports("custom", "static"), "--out", str(out), "--profiles", str(yaml_path), "--json")
     assert result.exit_code == 0, result.output
     mf = json.loads((out / "engine.fp32.json").read_text())
-    assert [(p["name"], p["seq"]["max"], p["max_cache_length"]) for p in mf["profiles"]] == [
+    assert [(p["name"], p["seq"]["max"], p["max_cache_length"]) for p in mf["profiles"][0]["covers"]] == [
         ("prefill", 16, 32), ("decode", 1, 32)]
+    separate = invoke("build", exports("custom", "static"), "--out", str(out), "--profiles", str(yaml_path),
+                      "--separate-profiles", "--json")
+    assert separate.exit_code == 0, separate.output
+    mf = json.loads((out / "engine.fp32.json").read_text())
+    assert [(p["name"], p["seq"]["max"], p["max_cache_length"]) for p in mf["profiles"]] == [
+        ("prefill", 16, 32), ("decode", 1, 32)] and not mf["builder"]["profiles_merged"]
     clash = invoke("build", exports("custom", "static"), "--out", str(out), "--profiles", str(yaml_path),
                    "--max-kv", "8")
     assert clash.exit_code == 2 and "both set profiles" in clash.stderr
