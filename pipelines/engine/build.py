@@ -22,6 +22,7 @@ manifest is removed first, so an interrupted build never leaves a plan that a ma
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -34,7 +35,13 @@ from llmtrt.pipelines.artifacts import peak_rss_bytes
 from llmtrt.pipelines.engine.backends import Backend, get_backend
 from llmtrt.pipelines.engine.digests import Digests
 from llmtrt.pipelines.engine.manifest import BuildFacts, engine_manifest
-from llmtrt.pipelines.engine.network import attach_timing_cache, build_plan, builder_config, parse_network
+from llmtrt.pipelines.engine.network import (
+    ParsedNetwork,
+    attach_timing_cache,
+    build_plan,
+    builder_config,
+    parse_network,
+)
 from llmtrt.pipelines.engine.parse_errors import (  # noqa: F401  (re-exported: the build's error types)
     LOWER_HINT,
     NodeFailure,
@@ -142,8 +149,19 @@ class EngineBuild:
         builder = trt.Builder(logger)
         t_parse = time.perf_counter()
         say(f"parsing {self.onnx_path.name} with {be.name} {be.version()}")
-        network, _parser = parse_network(be, builder, self.onnx_path, self.model, self.override)  # parser owns weights
-        parse_seconds = time.perf_counter() - t_parse
+        parsed = parse_network(be, builder, self.onnx_path, self.model, self.override)
+        try:
+            return self._build(parsed, builder, built_sha256, out_dir, source, extra, before_manifest, say,
+                               t_start, time.perf_counter() - t_parse, mark)
+        finally:
+            parsed.close()
+
+    def _build(self, parsed: ParsedNetwork, builder: Any, built_sha256: Future[str], out_dir: Path,
+               source: Mapping[str, str] | None, extra: Mapping[str, Any] | None,
+               before_manifest: Callable[[], None] | None, say: Callable[[str], None], t_start: float,
+               parse_seconds: float, mark: int) -> BuildResult:
+        be, network = self.be, parsed.network
+        logger = be.logger()
         config, cc_names = builder_config(be, builder, network, self.profiles, opt_level=self.opt_level,
                                           workspace_mb=self.workspace_mb, target_cc=self.target_cc,
                                           strip_weights=self.strip_weights)
@@ -157,7 +175,8 @@ class EngineBuild:
             f"{', '.join(m.name for p in self.profiles for m in p.members)}, opt level {self.opt_level}"
             + (f", targets {', '.join(cc_names)}" if cc_names else "")
             + (", weights stripped" if self.strip_weights else ""))
-        written = build_plan(be, builder, network, config, plan_path, f"{self.onnx_path.name} as {self.precision}")
+        with parsed.weights.trimmed() if parsed.weights is not None else contextlib.nullcontext():
+            written = build_plan(be, builder, network, config, plan_path, f"{self.onnx_path.name} as {self.precision}")
         build_seconds = time.perf_counter() - t_build
         if before_manifest is not None:
             before_manifest()

@@ -86,7 +86,7 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
     pinned in the lowered graph (TensorRT's KV-cache update needs a static sequence axis).
     """
     from llmtrt.pipelines.artifacts import MANIFEST, load_exported, read_manifest
-    from llmtrt.pipelines.engine.lowering import LOWERINGS, lower_file
+    from llmtrt.pipelines.engine.lowering import LOWERINGS, lower_for_build
     from llmtrt.pipelines.engine.onnx_layout import weightless_model
 
     say = progress or (lambda _msg: None)
@@ -111,7 +111,8 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
         say(f"lowering {exported.dialect} ops with --lower {lower} -> {out_dir / lowered.name}"
             + (f" (static cache of {dims['max_cache_length']} slots)" if dims else ""))
         t_lower = time.perf_counter()
-        lower_file(exported.onnx_path, lowered, lower, model=model, supported=be.supports_operator, dims=dims)
+        done = lower_for_build(exported.onnx_path, lowered, lower, model=model, supported=be.supports_operator,
+                               dims=dims)
         lower_seconds = time.perf_counter() - t_lower
         del model
         extra = {
@@ -120,7 +121,8 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
                        "kv_cache": exported.kv_cache, "precision": raw.get("precision", "fp32"),
                        "onnx_sha256": raw["onnx_sha256"]},
             "kv_cache": exported.kv_cache,
-            "lowering": {"mode": lower, "onnx": lowered.name, "pinned_dims": dims, "seconds": round(lower_seconds, 3)},
+            "lowering": {"mode": lower, "onnx": lowered.name, "pinned_dims": dims, "seconds": round(lower_seconds, 3),
+                         "fused_gemm_groups": done.fused_groups, "fused_weight_bytes": done.fused_bytes},
             "max_positions": max_positions,
         }
         try:

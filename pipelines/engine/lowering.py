@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -160,26 +161,48 @@ def lower(model: onnx.ModelProto, mode: str, *, dims: dict[str, int] | None = No
 
 
 def lower_file(src: str | Path, dst: str | Path, mode: str, *, model: onnx.ModelProto | None = None,
-               **options: object) -> Path:
-    """Lower an ONNX file into ``dst`` without copying its weights: ``dst`` points at them.
+               fuse: bool = False, **options: object) -> Path:
+    """``lower_for_build`` without fusing GEMMs by default; returns ``dst``."""
+    return lower_for_build(src, dst, mode, model=model, fuse=fuse, **options).path
+
+
+@dataclass(frozen=True)
+class LoweredFile:
+    path: Path
+    fused_groups: int       # MatMul groups sharing an input that became one MatMul + Split
+    fused_bytes: int        # bytes of fused weights written next to ``path``
+
+
+def lower_for_build(src: str | Path, dst: str | Path, mode: str, *, model: onnx.ModelProto | None = None,
+                    fuse: bool = True, **options: object) -> LoweredFile:
+    """Lower an ONNX file into ``dst`` for TensorRT without copying its weights: ``dst`` points at them.
 
     ``model`` is ``src`` as ``onnx_layout.weightless_model`` reads it (default: read here): weights in
     external-data files stay there, and weights stored inline in ``src`` (exports under protobuf's
     2 GB limit) are referenced at their byte offsets inside ``src``. TensorRT's parser refuses
     external-data paths that climb out of the model's directory ("Relative paths to parent (../)
     are not allowed in ONNX external weights"), so files in another directory are hard-linked (or
-    symlinked) next to ``dst``.
+    symlinked) next to ``dst``. ``fuse`` turns MatMuls sharing an input into one MatMul + Split
+    (``fuse_gemms``), their weights written once to ``<dst>.data``: the builder then has no
+    concatenated copy to make.
     """
+    from llmtrt.pipelines.engine.fuse_gemms import fuse_shared_input_gemms
     from llmtrt.pipelines.engine.onnx_layout import weightless_model
 
     src, dst = Path(src), Path(dst)
     lowered = lower(model if model is not None else weightless_model(src), mode, **options)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _relocate_external_data(lowered, src.parent, dst.parent)
+    groups, fused = 0, 0
+    if fuse:
+        data = dst.with_name(f"{dst.name}.data")
+        data.unlink(missing_ok=True)
+        report = fuse_shared_input_gemms(lowered, dst.parent, data)
+        groups, fused = len(report.groups), report.bytes
     tmp = dst.with_name(f".{dst.name}.partial")
     onnx.save(lowered, str(tmp))
     tmp.replace(dst)
-    return dst
+    return LoweredFile(dst, groups, fused)
 
 
 def _relocate_external_data(model: onnx.ModelProto, src_dir: Path, dst_dir: Path) -> None:

@@ -2,10 +2,10 @@
 stream the serialized plan to disk.
 
 Memory (measured with TensorRT-RTX 1.7.1 on the 1.1B-shaped fp32 export, 4.42 GB of weights):
-``parse_from_file`` maps the external-data file rather than reading it, so the weights are held
-once by the parser (as file-backed page cache) and once more by the builder, which copies each weight
-it uses; ``build_serialized_network_to_stream`` then hands the plan over in chunks (67 writes of
-~66 MB) instead of a whole in-memory copy (``build_serialized_network`` held 2 GB more at the peak).
+the external-data file is mapped, not read (``MappedWeights``, or ``parse_from_file`` which maps it
+too), the builder copies each weight it uses into its own memory, and
+``build_serialized_network_to_stream`` hands the plan over in chunks (67 writes of ~66 MB) instead
+of a whole in-memory copy (``build_serialized_network`` held 2 GB more at the peak).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import onnx
 
 from llmtrt.exporter.files import atomic_file
 from llmtrt.pipelines.engine.backends import Backend
+from llmtrt.pipelines.engine.mapped_weights import MappedWeights
 from llmtrt.pipelines.engine.parse_errors import (
     ERRORS,
     LOWER_HINT,
@@ -43,11 +44,26 @@ class WrittenPlan:
     streamed: bool
 
 
+@dataclass
+class ParsedNetwork:
+    """The network, the parser that owns its weights, and the mapped weights files (None when the
+    parser maps them itself): all must stay alive until the build ends."""
+
+    network: Any
+    parser: Any
+    weights: MappedWeights | None
+
+    def close(self) -> None:
+        if self.weights is not None:
+            self.weights.close()
+
+
 def parse_network(be: Backend, builder: Any, onnx_path: Path, model: onnx.ModelProto,
-                  override: bool) -> tuple[Any, Any]:
-    """(network, parser) TensorRT's ONNX parser makes of ``onnx_path`` (read from its path, so its
-    external weights are mapped, not copied), or an UnsupportedNodesError listing every node it could
-    not import. Keep the parser alive until the build ends: it owns the weights."""
+                  override: bool) -> ParsedNetwork:
+    """The network TensorRT's ONNX parser makes of ``onnx_path``, or an UnsupportedNodesError
+    listing every node it could not import. External weights are mapped, never read into memory:
+    by us where the parser takes initializers by pointer (so the build can drop the mapped pages,
+    ``MappedWeights``), else by the parser (``parse_from_file``)."""
     trt = be.module()
     logger = be.logger()
     mark = logger.mark()
@@ -55,10 +71,21 @@ def parse_network(be: Backend, builder: Any, onnx_path: Path, model: onnx.ModelP
     parser = trt.OnnxParser(network, logger)
     if override:
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
-    if not parser.parse_from_file(str(onnx_path)):
+    weights = None
+    if hasattr(parser, "load_initializer") and any(t.external_data for t in model.graph.initializer):
+        weights = MappedWeights(model, onnx_path.parent)
+        ok = parser.load_model_proto(model.SerializeToString(), str(onnx_path))
+        if ok:
+            weights.load_into(parser)
+            ok = parser.parse_model_proto()
+    else:
+        ok = parser.parse_from_file(str(onnx_path))
+    if not ok:
+        if weights is not None:
+            weights.close()
         failures = parser_failures(parser, model) or [NodeFailure("", "", e) for e in logger.since(mark, *ERRORS)]
         raise UnsupportedNodesError(str(onnx_path), failures)
-    return network, parser
+    return ParsedNetwork(network, parser, weights)
 
 
 def builder_config(be: Backend, builder: Any, network: Any, profiles: Sequence[EngineProfile], *, opt_level: int,
