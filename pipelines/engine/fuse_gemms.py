@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from llmtrt.pipelines.errors import LlmtrtUserError
+
 ROWS_PER_CHUNK = 256
 _FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
 
@@ -237,6 +239,9 @@ class _Reader:
     def _bytes(self, t: TensorProto):
         ext = {e.key: e.value for e in t.external_data}
         if "location" not in ext:
+            if not (t.raw_data or t.float_data or t.int32_data or t.int64_data or t.double_data or t.uint64_data):
+                raise LlmtrtUserError(f"initializer {t.name!r} holds no data (neither inline nor external); "
+                                      "re-run the stage that wrote the ONNX")
             return t.raw_data if t.raw_data else numpy_helper.to_array(t).tobytes()
         path = str((self.base_dir / ext["location"]).resolve())
         if path not in self._maps:

@@ -13,7 +13,7 @@ its registry entry; this module only walks the graph:
   the llmtrt plugins; the engine build maps them to registered plugins.
 
 Any mode can also pin symbolic dims to numbers (``dims={"max_cache_length": 512}``): TensorRT's
-KV-cache update (``TensorScatter`` / ``TRT_KVCacheUpdate``) refuses a cache whose sequence axis is
+KV-cache update layer (what the static-cache attention lowers to) refuses a cache whose sequence axis is
 dynamic ("The KV cache tensor must have a static sequence length dimension"), so a static-cache
 graph is built with its cache length fixed in the graph, not only in the profiles.
 
