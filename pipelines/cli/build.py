@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -19,6 +20,16 @@ def build_from_export(*args, **kwargs):
     from llmtrt.pipelines.engine.from_export import build_from_export as run
 
     return run(*args, **kwargs)
+
+
+def _kv_cache(export_dir: str) -> str:
+    """The export's cache layout, read as plain JSON (the build reads and checks the manifest fully)."""
+    from llmtrt.pipelines.artifacts import read_manifest
+
+    try:
+        return str(json.loads((Path(export_dir) / "manifest.json").read_text(encoding="utf-8"))["kv_cache"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(read_manifest(export_dir).get("kv_cache", "dynamic"))  # says what is wrong with it
 
 
 def _target_cc(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str]:
@@ -100,10 +111,8 @@ def build(export_dir: str, out_dir: str, backend: str | None, precision: str | N
       decode:  {batch: [1, 1, 4], seq: 1, past: [1, 512, 2047]}
     For a static-cache export add `max_cache_length: 2048` and leave out past.
     """
-    from llmtrt.pipelines.artifacts import read_manifest
     from llmtrt.pipelines.engine.profiles import profiles_from_yaml
 
-    manifest = read_manifest(export_dir)
     profiles = None
     if profiles_yaml is not None:
         given = [flag for flag, value in (("--max-prompt", max_prompt), ("--max-kv", max_kv)) if value is not None]
@@ -111,7 +120,7 @@ def build(export_dir: str, out_dir: str, backend: str | None, precision: str | N
             given.insert(0, "--max-batch")
         if given:
             raise LlmtrtUserError(f"--profiles {profiles_yaml} and {', '.join(given)} both set profiles; use one")
-        profiles = profiles_from_yaml(profiles_yaml, manifest.get("kv_cache", "dynamic"))
+        profiles = profiles_from_yaml(profiles_yaml, _kv_cache(export_dir))
 
     def progress(message: str) -> None:
         if not as_json:

@@ -34,6 +34,7 @@ from llmtrt.exporter.files import write_json_atomically
 from llmtrt.pipelines.artifacts import peak_rss_bytes
 from llmtrt.pipelines.engine.backends import Backend, get_backend
 from llmtrt.pipelines.engine.digests import Digests
+from llmtrt.pipelines.engine.flags import check_flags
 from llmtrt.pipelines.engine.manifest import BuildFacts, engine_manifest
 from llmtrt.pipelines.engine.network import (
     ParsedNetwork,
@@ -48,7 +49,7 @@ from llmtrt.pipelines.engine.parse_errors import (  # noqa: F401  (re-exported: 
     UnsupportedNodesError,
 )
 from llmtrt.pipelines.engine.plugin_setup import python_plugin_manifest, setup_plugins
-from llmtrt.pipelines.engine.precision_check import check_precision, check_precision_name
+from llmtrt.pipelines.engine.precision_check import check_precision
 from llmtrt.pipelines.engine.profiles import Profile, engine_profiles, graph_input_dims, validate_profiles
 from llmtrt.pipelines.errors import LlmtrtUserError
 
@@ -64,26 +65,6 @@ def plan_paths(out_dir: str | Path, precision: str) -> tuple[Path, Path]:
     """(engine.<precision>.plan, engine.<precision>.json) in ``out_dir``."""
     out_dir = Path(out_dir)
     return out_dir / f"engine.{precision}.plan", out_dir / f"engine.{precision}.json"
-
-
-def check_flags(be: Backend, *, precision: str | None = None, opt_level: int = 3, workspace_mb: int | None = None,
-                target_cc: Sequence[str] = (), strip_weights: bool = False,
-                plugins: Sequence[str | Path] = ()) -> list[str]:
-    """Every check the build flags allow without reading any file but plugin paths; returns the
-    target compute capabilities as enum names. Milliseconds, so a typo never waits for a hash."""
-    if not 0 <= opt_level <= 5:
-        raise LlmtrtUserError(f"--opt-level must be 0..5, got {opt_level}")
-    if workspace_mb is not None and workspace_mb < 1:
-        raise LlmtrtUserError(f"--workspace-mb must be >= 1, got {workspace_mb}")
-    if precision is not None:
-        check_precision_name(precision)
-    names = be.check_target_cc(target_cc)
-    if strip_weights:
-        be.check_strip_weights()
-    for lib in map(Path, plugins):
-        if not lib.is_file():
-            raise LlmtrtUserError(f"--plugins {lib}: no such file; give the path of a plugin library (.so)")
-    return names
 
 
 class EngineBuild:

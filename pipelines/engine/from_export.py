@@ -11,19 +11,25 @@ directory is written by ``artifact_dir``, so a failure leaves nothing in ``--out
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtrt.exporter.files import artifact_dir, check_out_dir
 from llmtrt.exporter.kv_cache import get_layout
 from llmtrt.pipelines.engine.backends import Backend, get_backend
-from llmtrt.pipelines.engine.build import BuildResult, EngineBuild, check_flags
-from llmtrt.pipelines.engine.digests import Digests
-from llmtrt.pipelines.engine.parse_errors import UnsupportedNodesError
+from llmtrt.pipelines.engine.flags import check_flags
 from llmtrt.pipelines.engine.profiles import Profile, max_positions_from_file, validate_profiles
 from llmtrt.pipelines.errors import LlmtrtUserError
+
+if TYPE_CHECKING:
+    from llmtrt.pipelines.engine.build import BuildResult
+
+# Imports here stay light (no onnx, no torch: about 0.3 s in all) so the checks above the heavy
+# work answer in well under a second; the rest is imported inside build_from_export.
+MANIFEST_NAME = "manifest.json"  # artifacts.MANIFEST, read here as plain JSON for the early checks
 
 DEFAULT_MAX_PROMPT = 512
 
@@ -55,20 +61,36 @@ def _other_lowerings(mode: str, dialect: str) -> str:
             + " (see docs/support-matrix.md)")
 
 
-def _profiles_for(exported: Any, where: Path, profiles: Sequence[Profile] | None, max_positions: int, *,
+def _profiles_for(kv_cache: str, where: Path, profiles: Sequence[Profile] | None, max_positions: int, *,
                   max_batch: int, max_prompt: int | None, max_kv: int | None) -> Sequence[Profile]:
     """The profiles to build, checked against the export's cache layout and max positions."""
     if profiles is None:
-        profiles = export_profiles(exported.kv_cache, max_positions, max_batch=max_batch, max_prompt=max_prompt,
-                                   max_kv=max_kv)
+        profiles = export_profiles(kv_cache, max_positions, max_batch=max_batch, max_prompt=max_prompt, max_kv=max_kv)
     kinds = {p.layout for p in profiles}
-    if kinds != {exported.kv_cache}:
-        raise LlmtrtUserError(f"{where} says kv_cache {exported.kv_cache!r}, but the profiles are "
+    if kinds != {kv_cache}:
+        raise LlmtrtUserError(f"{where} says kv_cache {kv_cache!r}, but the profiles are "
                               f"for a {'/'.join(sorted(kinds))} cache; "
-                              + ("give max_cache_length in --profiles" if get_layout(exported.kv_cache).fixed_capacity
+                              + ("give max_cache_length in --profiles" if get_layout(kv_cache).fixed_capacity
                                  else "use past ranges, not max_cache_length, in --profiles"))
     validate_profiles(profiles, max_positions)
     return profiles
+
+
+def _max_positions(export_dir: Path, raw: dict[str, Any]) -> int:
+    """Positions the exported graph addresses: its metadata or rotary table, else the config's."""
+    return max_positions_from_file(export_dir / raw["onnx"]) or int(raw["config"]["max_position_embeddings"])
+
+
+def _early_look(export_dir: Path) -> dict[str, Any] | None:
+    """manifest.json as plain JSON with the fields the early checks use, or None (the full, validated
+    read that follows then says what is wrong)."""
+    try:
+        raw = json.loads((export_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+        get_layout(raw["kv_cache"])
+        _max_positions(export_dir, raw)
+    except (OSError, ValueError, KeyError, TypeError, LlmtrtUserError):
+        return None
+    return raw
 
 
 def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision: str | None = None,
@@ -85,24 +107,30 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
     ``precision`` defaults to the export manifest's; a static-cache graph gets its cache length
     pinned in the lowered graph (TensorRT's KV-cache update needs a static sequence axis).
     """
-    from llmtrt.pipelines.artifacts import MANIFEST, load_exported, read_manifest
-    from llmtrt.pipelines.engine.lowering import LOWERINGS, lower_for_build
-    from llmtrt.pipelines.engine.onnx_layout import weightless_model
-
     say = progress or (lambda _msg: None)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    if lower not in LOWERINGS:
-        raise LlmtrtUserError(f"unknown --lower {lower!r}; choose one of {', '.join(LOWERINGS)}")
     be = backend if isinstance(backend, Backend) else get_backend(backend)
-    check_flags(be, precision=precision, opt_level=opt_level, workspace_mb=workspace_mb, target_cc=target_cc,
-                strip_weights=strip_weights, plugins=plugins)
+    check_flags(be, precision=precision, lower=lower, opt_level=opt_level, workspace_mb=workspace_mb,
+                target_cc=target_cc, strip_weights=strip_weights, plugins=plugins)
     check_out_dir(out_dir)
+    sizes = {"max_batch": max_batch, "max_prompt": max_prompt, "max_kv": max_kv}
+    early = _early_look(export_dir)
+    if early is not None:  # an impossible --max-kv / --profiles is refused before anything heavy is imported
+        _profiles_for(early["kv_cache"], export_dir / MANIFEST_NAME, profiles, _max_positions(export_dir, early),
+                      **sizes)
+
+    from llmtrt.pipelines.artifacts import MANIFEST, load_exported, read_manifest
+    from llmtrt.pipelines.engine.build import BuildResult, EngineBuild
+    from llmtrt.pipelines.engine.digests import Digests
+    from llmtrt.pipelines.engine.lowering import lower_for_build
+    from llmtrt.pipelines.engine.onnx_layout import weightless_model
+    from llmtrt.pipelines.engine.parse_errors import UnsupportedNodesError
+
     raw = read_manifest(export_dir)
     exported = load_exported(export_dir, raw)
     precision = precision or raw.get("precision") or "fp32"
-    max_positions = max_positions_from_file(exported.onnx_path) or exported.config.max_position_embeddings
-    profiles = _profiles_for(exported, export_dir / MANIFEST, profiles, max_positions, max_batch=max_batch,
-                             max_prompt=max_prompt, max_kv=max_kv)
+    max_positions = _max_positions(export_dir, raw)
+    profiles = _profiles_for(exported.kv_cache, export_dir / MANIFEST, profiles, max_positions, **sizes)
     dims = {"max_cache_length": profiles[0].cache} if get_layout(exported.kv_cache).fixed_capacity else {}
     model = weightless_model(exported.onnx_path)
 

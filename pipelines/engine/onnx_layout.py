@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import onnx
+if TYPE_CHECKING:
+    import onnx
 
 # protobuf field numbers (onnx.proto)
 _MODEL_GRAPH, _MODEL_METADATA = 7, 14
@@ -24,6 +25,7 @@ _GRAPH_INITIALIZER = 5
 _TENSOR_DIMS, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 8, 9
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 SMALL_FILE = 64 << 20    # below this a file is simply parsed
 INLINE_MIN_BYTES = 1024  # smaller inline tensors (shape constants) stay in the graph
@@ -143,6 +145,8 @@ def weightless_model(path: str | Path, min_bytes: int = INLINE_MIN_BYTES) -> onn
     """``path``'s model without loading weights: external data stays external, and each inline
     raw_data of at least ``min_bytes`` becomes external data pointing at its own bytes in ``path``
     (location = the file's name, so it resolves next to the file). A small file is simply parsed."""
+    import onnx
+
     path = Path(path)
     if path.stat().st_size < SMALL_FILE:
         return onnx.load(str(path), load_external_data=False)
@@ -183,7 +187,7 @@ def _weightless_tensor(f: BinaryIO, start: int, length: int, location: str, min_
     for key, text in (("location", location), ("offset", str(raw[0])), ("length", str(raw[1]))):
         entry = _length_field(_ENTRY_KEY, key.encode()) + _length_field(_ENTRY_VALUE, text.encode())
         kept += _length_field(_TENSOR_EXTERNAL_DATA, entry)
-    kept += _varint_bytes(_TENSOR_DATA_LOCATION << 3 | _VARINT) + _varint_bytes(onnx.TensorProto.EXTERNAL)
+    kept += _varint_bytes(_TENSOR_DATA_LOCATION << 3 | _VARINT) + _varint_bytes(_EXTERNAL)
     return bytes(kept)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from llmtrt.pipelines.engine.flags import check_precision_name
 from llmtrt.pipelines.errors import LlmtrtUserError
 
 _OTHER_FLOATS = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
@@ -75,11 +76,3 @@ def check_precision(model: onnx.ModelProto, precision: str) -> None:
     problem = PRECISION_CHECKS[check_precision_name(precision)](graph_facts(model))
     if problem:
         raise LlmtrtUserError(problem)
-
-
-def check_precision_name(precision: str) -> str:
-    """The precision family (``int8-sq`` -> ``int8``), or a user error listing the known ones."""
-    family = precision.split("-", 1)[0]
-    if family not in PRECISION_CHECKS:
-        raise LlmtrtUserError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISION_CHECKS)}")
-    return family

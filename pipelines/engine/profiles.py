@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
+if TYPE_CHECKING:
+    import onnx
 
 from llmtrt.exporter.kv_cache import Profile, Range, get_layout
 from llmtrt.pipelines.errors import LlmtrtUserError

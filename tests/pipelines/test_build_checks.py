@@ -82,6 +82,13 @@ def test_strip_weights_without_the_driver_is_refused_first(export_dir, tmp_path,
     assert result.exit_code == 2 and "libcuda.so.1" in result.stderr and "drop --strip-weights" in result.stderr
 
 
+def test_light_flag_lists_match_the_registries():
+    from llmtrt.pipelines.engine import flags, lowering, precision_check
+
+    assert set(flags.PRECISION_FAMILIES) == set(precision_check.PRECISION_CHECKS)
+    assert set(flags.LOWER_MODES) == set(lowering.LOWERINGS)
+
+
 def test_a_backend_without_stripping_refuses_it():
     plain = backends.Backend(name="plain", module_name="x", pip_hint="", supports_target_cc=False,
                              supports_timing_cache=False, supports_python_plugins=False,
