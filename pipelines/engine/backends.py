@@ -102,6 +102,11 @@ class Backend:
     plugin_parse_may_abort: bool    # importing a plugin node can kill the process: parse in a subprocess
     inspects_built_engine: bool     # builds happen on a GPU, so the plan can be deserialized and inspected
     weights_per_profile: bool | None = None   # each optimization profile carries its own weights (None: unmeasured)
+    # Releases with Builder.build_serialized_network_to_stream (plan streamed to disk) and with
+    # OnnxParser.load_model_proto/load_initializer (weights mapped by the build); the build checks the
+    # API itself (hasattr) and falls back to the in-memory plan / parse_from_file.
+    stream_plan_since: str = ""
+    mapped_weights_since: str = ""
     strip_flags: tuple[str, ...] = ()         # BuilderFlag names for a weight-stripped, refittable plan
     strip_needs_cuda_driver: bool = False     # that build needs libcuda.so.1 even ahead of time
     capabilities: tuple[Capabilities, ...] = ()
@@ -215,6 +220,7 @@ class Backend:
                 "supports_target_cc": self.supports_target_cc,
                 "supports_timing_cache": self.supports_timing_cache,
                 "supports_python_plugins": self.supports_python_plugins,
+                "weights_per_profile": self.weights_per_profile, "strip_flags": list(self.strip_flags),
                 "native_ops": self.native_ops()}
 
 
@@ -284,6 +290,8 @@ BACKENDS: dict[str, Backend] = {
         supports_target_cc=False, supports_timing_cache=True, supports_python_plugins=True,
         plugin_parse_may_abort=False, inspects_built_engine=True,
         strip_flags=("STRIP_PLAN", "REFIT_IDENTICAL"),   # NVIDIA: weight-stripped engines, TensorRT >= 10.0
+        stream_plan_since="10.15 (C++ API reference lists it; 10.0 does not; not measured)",
+        mapped_weights_since="10.13 (release notes: IParser::loadModelProto/loadInitializer; not measured)",
         capabilities=TENSORRT_CAPABILITIES,
     ),
     "tensorrt-rtx": Backend(
@@ -292,6 +300,8 @@ BACKENDS: dict[str, Backend] = {
         plugin_parse_may_abort=True, inspects_built_engine=False,
         weights_per_profile=True,
         strip_flags=("REFIT", "STRIP_PLAN"),            # TensorRT-RTX docs: weightless engine = kREFIT + kSTRIP_PLAN
+        stream_plan_since="1.3 (API reference; measured in 1.7.1)",
+        mapped_weights_since="1.7 (measured in 1.7.1)",
         strip_needs_cuda_driver=True,
         capabilities=RTX_CAPABILITIES,
     ),
