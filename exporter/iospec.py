@@ -10,8 +10,10 @@ outputs: logits [batch, sequence_length, vocab] float32,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import onnx
+if TYPE_CHECKING:
+    import onnx
 
 BATCH, SEQ, PAST, TOTAL = "batch", "sequence_length", "past_sequence_length", "total_sequence_length"
 MAX_CACHE = "max_cache_length"

@@ -42,12 +42,17 @@ _NOT_FINGERPRINTED = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 # hashes and facts
 # --------------------------------------------------------------------------------------------
 def load_graph(onnx_path: str | Path):
-    """The graph of an ONNX file without its external weights; a truncated or foreign file is a user error."""
+    """The graph of an ONNX file without its weights (external data is not read; weights stored inline in a
+    large file become references into the file itself); a truncated or foreign file is a user error."""
     import onnx
     from google.protobuf.message import DecodeError
 
+    from llmtrt.exporter.onnx_layout import SMALL_FILE, weightless_model
+
     onnx_path = Path(onnx_path)
     try:
+        if onnx_path.stat().st_size > SMALL_FILE:  # weights inline: walk the file, do not parse them
+            return weightless_model(onnx_path)
         return onnx.load(str(onnx_path), load_external_data=False)
     except FileNotFoundError:
         raise LlmtrtUserError(f"{onnx_path}: no such file; re-run the stage that writes it") from None

@@ -1,17 +1,23 @@
 """One registry entry per custom op: the torch op, its reference, the ONNX node and function, lowerings.
 
-A new op is a new folder under ``plugins/`` plus one line in ``_OP_MODULES``. Everything else
-(export, dialect passes, TensorRT lowering, tests that sweep the ops) reads this registry.
+A new op is a new folder under ``plugins/`` plus one line in ``_OP_MODULES``: ``__init__.py`` (torch
+op, reference, ONNX schema and function), ``lowering.py`` (standard form, TensorRT built-in form,
+plugin routing), optionally ``kernel.py`` + ``trt_plugin.py``. Everything else (export, dialect
+passes, the TensorRT lowering driver, tests that sweep the ops) reads this registry.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import cache
+from typing import TYPE_CHECKING
 
 import onnx
+
+if TYPE_CHECKING:
+    from llmtrt.plugins.rewrite import TensorRTRewrite
 
 DOMAIN = "llmtrt"
 DOMAIN_VERSION = 1
@@ -37,6 +43,10 @@ class CustomOp:
     function: Callable[[int], onnx.FunctionProto]  # opset -> ONNX local function with exact semantics
     to_standard: Callable[[onnx.NodeProto], list[onnx.NodeProto]]  # rewrite to opset-23 ops
     min_standard_opset: int = 23
+    tensorrt: TensorRTRewrite | None = None       # --lower native: TensorRT built-in form
+    # standard ops (as ``--ops standard`` writes this op) that need their own TensorRT form
+    standard_tensorrt: Mapping[str, TensorRTRewrite] = field(default_factory=dict)
+    to_plugin: Callable[[onnx.NodeProto], onnx.NodeProto] | None = None  # --lower plugin: route to llmtrt::<op>
 
 
 @cache
@@ -58,3 +68,13 @@ def translation_table() -> dict:
 def functions(opset: int) -> list[onnx.FunctionProto]:
     """ONNX local functions for every custom op, written against the model's default-domain ``opset``."""
     return [op.function(opset) for op in registry().values()]
+
+
+def tensorrt_rewrites() -> dict[tuple[str, str], TensorRTRewrite]:
+    """(domain, op type) -> TensorRT built-in form, for our ops and the standard ops they become."""
+    rewrites: dict[tuple[str, str], TensorRTRewrite] = {}
+    for op in registry().values():
+        if op.tensorrt is not None:
+            rewrites[(DOMAIN, op.onnx_op)] = op.tensorrt
+        rewrites.update({("", name): rw for name, rw in op.standard_tensorrt.items()})
+    return rewrites

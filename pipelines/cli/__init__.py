@@ -22,7 +22,11 @@ EXIT_USAGE = 2
 def one_line(message: str) -> str:
     """A user error on one line: lists (e.g. every node TensorRT refused) are joined with '; '."""
     parts = [p.strip() for p in message.splitlines() if p.strip()]
-    return "; ".join(p[2:] if p.startswith("- ") else p for p in parts)
+    parts = [p[2:] if p.startswith("- ") else p for p in parts]
+    out = parts[0] if parts else ""
+    for part in parts[1:]:
+        out += (" " if out.endswith(":") else "; ") + part
+    return out
 
 
 def user_errors(func):

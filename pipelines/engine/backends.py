@@ -18,6 +18,21 @@ Measured facts (TensorRT-RTX 1.7.1, CPU-only machine) that shaped this file:
   TensorRT-RTX"); RTX's runtime cache is a runtime (GPU) feature.
 * RTX Python ``INetworkDefinition`` has no ``add_plugin_v3``; a Python IPluginV3 creator picked by
   the ONNX parser aborts the process ("terminate called without an active exception").
+* RTX stores the weights once per optimization profile: the 156M-shaped fp32 export (0.62 GB of
+  weights) gives a 1.13 GB plan with prefill + decode profiles and 0.63 GB with either alone, the
+  1.1B-shaped one 8.59 GB vs 4.43 GB. So on RTX the build merges the profiles into one optimization
+  profile (the union of their shapes) unless told otherwise (``weights_per_profile``).
+* RTX builds a refittable or weight-stripped plan (REFIT*, STRIP_PLAN) only where the CUDA driver
+  library is installed, GPU or not: without libcuda.so.1 the build fails in Myelin
+  ("graph_jit.cpp:278: CHECK(status == CUDA_SUCCESS) failed"); plain builds need no driver.
+* The builder copies every weight into its own memory (+1x, measured: 512 MiB of weights add
+  512 MiB of anonymous memory before the file is read) and concatenates the weights of GEMMs it
+  fuses horizontally (q/k/v, gate/up: about +0.55x more for Llama); ``parse_from_file`` maps the
+  external-data file instead of reading it (file-backed, reclaimable page cache).
+
+Capabilities per backend version (which ONNX ops the parser imports natively, whether Python
+plugins work, which engine precisions build) are declared in ``Backend.capabilities`` so a pipeline
+config can be checked against the TensorRT it names without that TensorRT installed.
 """
 
 from __future__ import annotations
@@ -25,7 +40,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -40,6 +55,40 @@ LOWERING_OPS = ("RMSNormalization", "RotaryEmbedding", "Attention", "TensorScatt
                 "TRT_Attention", "TRT_KVCacheUpdate")
 
 
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """'10.3' / '10.3.0.30' / '1.7.1.116' -> (major, minor); a user error for anything else."""
+    parts = str(text).strip().split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise LlmtrtUserError(f"version {text!r}: expected MAJOR.MINOR, e.g. 10.3 or 1.7") from None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one version range of a backend can build (inclusive bounds on (major, minor))."""
+
+    first: tuple[int, int]
+    last: tuple[int, int] | None      # None: open-ended
+    native_ops: frozenset[str]        # ops of LOWERING_OPS its ONNX parser imports natively
+    python_plugins: bool              # llmtrt's tensorrt.plugin definitions (AOT) register and build
+    precisions: frozenset[str]        # engine precisions (ENGINE_PRECISIONS) it builds
+    source: str                       # measured here, or which NVIDIA document says so
+
+    def covers(self, version: tuple[int, int]) -> bool:
+        return self.first <= version and (self.last is None or version <= self.last)
+
+    @property
+    def versions(self) -> str:
+        first = ".".join(map(str, self.first))
+        if self.last is None:
+            return f">= {first}"
+        return first if self.last == self.first else f"{first} - {'.'.join(map(str, self.last))}"
+
+
 @dataclass(frozen=True)
 class Backend:
     """One TensorRT flavour: how to import it and what it can do."""
@@ -52,7 +101,15 @@ class Backend:
     supports_python_plugins: bool   # INetworkDefinition.add_plugin_v3 exists; parser can use Python plugins
     plugin_parse_may_abort: bool    # importing a plugin node can kill the process: parse in a subprocess
     inspects_built_engine: bool     # builds happen on a GPU, so the plan can be deserialized and inspected
-    documented_native_ops: frozenset[str] = field(default_factory=frozenset)
+    weights_per_profile: bool | None = None   # each optimization profile carries its own weights (None: unmeasured)
+    # Releases with Builder.build_serialized_network_to_stream (plan streamed to disk) and with
+    # OnnxParser.load_model_proto/load_initializer (weights mapped by the build); the build checks the
+    # API itself (hasattr) and falls back to the in-memory plan / parse_from_file.
+    stream_plan_since: str = ""
+    mapped_weights_since: str = ""
+    strip_flags: tuple[str, ...] = ()         # BuilderFlag names for a weight-stripped, refittable plan
+    strip_needs_cuda_driver: bool = False     # that build needs libcuda.so.1 even ahead of time
+    capabilities: tuple[Capabilities, ...] = ()
 
     # -- import -----------------------------------------------------------------------------
     def available(self) -> bool:
@@ -109,6 +166,30 @@ class Backend:
         trt = self.module()
         return [normalize_cc(cc, trt) for cc in target_cc]
 
+    def capabilities_for(self, version: str | None = None) -> Capabilities:
+        """The declared capabilities of ``version`` (default: the newest declared range)."""
+        if version is None:
+            return self.capabilities[-1]
+        wanted = parse_version(version)
+        for caps in self.capabilities:
+            if caps.covers(wanted):
+                return caps
+        known = ", ".join(c.versions for c in self.capabilities)
+        raise LlmtrtUserError(f"{self.name} {version}: no capabilities are declared for this version (known: "
+                              f"{known}); name one of those versions")
+
+    def check_strip_weights(self) -> None:
+        """A user error unless this backend can build a weight-stripped plan here (no building needed)."""
+        if not self.strip_flags:
+            raise LlmtrtUserError(f"--strip-weights: backend {self.name!r} cannot build weight-stripped plans; "
+                                  "drop --strip-weights")
+        if self.strip_needs_cuda_driver and not cuda_driver_present():
+            raise LlmtrtUserError(
+                f"--strip-weights: {self.name} builds weight-stripped (refittable) plans only where the NVIDIA "
+                "driver's libcuda.so.1 is installed, GPU or not, and this machine has none (measured with "
+                "TensorRT-RTX 1.7.1: the build fails in Myelin with CHECK(status == CUDA_SUCCESS)); build on a "
+                "machine with the NVIDIA driver, or drop --strip-weights for a plan with its weights")
+
     def logger(self) -> Any:
         """The process-wide capturing logger (TensorRT keeps the first logger it is given and
         ignores later ones: "The logger passed into createInferBuilder differs from one already
@@ -139,7 +220,24 @@ class Backend:
                 "supports_target_cc": self.supports_target_cc,
                 "supports_timing_cache": self.supports_timing_cache,
                 "supports_python_plugins": self.supports_python_plugins,
+                "weights_per_profile": self.weights_per_profile, "strip_flags": list(self.strip_flags),
                 "native_ops": self.native_ops()}
+
+
+def cuda_driver_present() -> bool:
+    """Whether the CUDA driver library (libcuda.so.1 / nvcuda.dll) can be loaded by this process."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libcuda.so.1", ctypes.util.find_library("cuda"), "nvcuda.dll"):
+        if not name:
+            continue
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 def _rtx_available_cc(trt: ModuleType) -> list[str]:
@@ -164,20 +262,48 @@ def normalize_cc(value: str | int | float, trt: ModuleType | None = None) -> str
     return name
 
 
+_ALL_NATIVE = frozenset({"RMSNormalization", "RotaryEmbedding", "Attention", "TensorScatter"})
+_TRT_PRECISIONS = frozenset({"fp32", "fp16", "bf16", "int8", "int4"})  # fp8 needs a GPU of compute capability >= 8.9
+
+TENSORRT_CAPABILITIES = (
+    Capabilities((10, 0), (10, 6), frozenset(), False, _TRT_PRECISIONS,
+                 "NVIDIA release notes: INT4 weight-only quantization from 10.0; no tensorrt.plugin before 10.7; "
+                 "Attention importer from 10.14, RotaryEmbedding (IRotaryEmbeddingLayer) from 10.15.1"),
+    Capabilities((10, 7), (10, 8), frozenset(), False, _TRT_PRECISIONS,
+                 "NVIDIA: tensorrt.plugin is experimental and has no AOT implementations before 10.9"),
+    Capabilities((10, 9), (10, 13), frozenset(), True, _TRT_PRECISIONS,
+                 "NVIDIA quickly_deployable_plugins sample: AOT Python plugins from 10.9 (not measured here)"),
+    Capabilities((10, 14), (10, 14), frozenset({"Attention"}), True, _TRT_PRECISIONS,
+                 "NVIDIA 10.14 parser release notes: Attention operator added (not measured here)"),
+    Capabilities((10, 15), None, _ALL_NATIVE, True, _TRT_PRECISIONS,
+                 "NVIDIA 10.15.1 documentation: IRotaryEmbeddingLayer; RMSNormalization/TensorScatter per "
+                 "docs/support-matrix.md (not measured here)"),
+)
+RTX_CAPABILITIES = (
+    Capabilities((1, 7), None, _ALL_NATIVE, False, frozenset({"fp32", "fp16", "bf16", "int8", "int4"}),
+                 "measured here with TensorRT-RTX 1.7.1.116 (docs/support-matrix.md, docs/precision.md)"),
+)
+
 BACKENDS: dict[str, Backend] = {
     "tensorrt": Backend(
         name="tensorrt", module_name="tensorrt", pip_hint="pip install 'llmtrt[tensorrt]'",
         supports_target_cc=False, supports_timing_cache=True, supports_python_plugins=True,
         plugin_parse_may_abort=False, inspects_built_engine=True,
-        # 10.3 (JetPack 6) has none of these; Attention/RotaryEmbedding/RMSNormalization/TensorScatter
-        # arrived in 10.14-10.15; trust supports_operator, not this set.
-        documented_native_ops=frozenset({"RMSNormalization", "RotaryEmbedding", "Attention", "TensorScatter"}),
+        strip_flags=("STRIP_PLAN", "REFIT_IDENTICAL"),   # NVIDIA: weight-stripped engines, TensorRT >= 10.0
+        stream_plan_since="10.15 (C++ API reference lists it; 10.0 does not; not measured)",
+        mapped_weights_since="10.13 (release notes: IParser::loadModelProto/loadInitializer; not measured)",
+        capabilities=TENSORRT_CAPABILITIES,
     ),
     "tensorrt-rtx": Backend(
         name="tensorrt-rtx", module_name="tensorrt_rtx_bindings", pip_hint="pip install 'llmtrt[rtx]'",
         supports_target_cc=True, supports_timing_cache=False, supports_python_plugins=False,
         plugin_parse_may_abort=True, inspects_built_engine=False,
-        documented_native_ops=frozenset(LOWERING_OPS),
+        weights_per_profile=True,
+        strip_flags=("REFIT", "STRIP_PLAN"),            # TensorRT-RTX docs: weightless engine = kREFIT + kSTRIP_PLAN
+        stream_plan_since="1.3 (API reference; measured in 1.7.1)",
+        mapped_weights_since="1.7 (measured in 1.7.1)",
+        strip_needs_cuda_driver=True,
+        capabilities=RTX_CAPABILITIES,
     ),
 }
 

@@ -1,18 +1,19 @@
-"""Lower llmtrt custom nodes for TensorRT: ``--lower native | inline | plugin``.
+"""Lower llmtrt custom nodes for TensorRT: ``--lower native | inline | plugin`` (the generic driver).
 
-* ``native``: each custom node becomes the ops TensorRT has built-in importers for:
-  RMSNorm -> opset-23 RMSNormalization; RotaryEmbedding -> opset-23 RotaryEmbedding (inputs
-  reordered); GroupQueryAttention -> two Concats (present = past ++ new) + opset-23 Attention
-  without past, marked ``TRT_decomposable=1``. That attribute is TensorRT's, not ONNX's: without it
-  TensorRT-RTX 1.7 refuses fp32 attention and fp16 attention with head_dim 8 ("Attention operation
-  was not supported by a dedicated kernel"); with it fused kernels are still used where they exist.
-  The result is a TensorRT-only graph (onnx.checker and ONNX Runtime reject the attribute).
-  A node whose native op the backend lacks (``supported`` says no) is inlined instead.
+Each op's own rewrites live in its folder (``plugins/<op>/lowering.py``) and are reached through
+its registry entry; this module only walks the graph:
+
+* ``native``: each node with a TensorRT form (``CustomOp.tensorrt``, e.g. GroupQueryAttention ->
+  Concat past ++ new + opset-23 Attention) or a standard node with one (``standard_tensorrt``:
+  the standard dialect's Attention) is rewritten, and the default-domain opset raised to what the
+  emitted ops need. A node whose emitted ops the backend lacks (``supported`` says no) is inlined
+  instead.
 * ``inline``: every local function is inlined (onnx.inliner), leaving primitive ops only.
-* ``plugin``: custom nodes stay; the engine build maps them to registered plugins.
+* ``plugin``: custom nodes stay, tagged by their op's ``to_plugin`` so the parser routes them to
+  the llmtrt plugins; the engine build maps them to registered plugins.
 
 Any mode can also pin symbolic dims to numbers (``dims={"max_cache_length": 512}``): TensorRT's
-KV-cache update (``TensorScatter`` / ``TRT_KVCacheUpdate``) refuses a cache whose sequence axis is
+KV-cache update layer (what the static-cache attention lowers to) refuses a cache whose sequence axis is
 dynamic ("The KV cache tensor must have a static sequence length dimension"), so a static-cache
 graph is built with its cache length fixed in the graph, not only in the profiles.
 
@@ -35,147 +36,10 @@ import onnx.inliner
 from onnx import helper
 
 from llmtrt.pipelines.errors import LlmtrtUserError
+from llmtrt.plugins.registry import DOMAIN, registry, tensorrt_rewrites
+from llmtrt.plugins.rewrite import Names, TensorRTRewrite
 
-DOMAIN = "llmtrt"
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
-
-Rewrite = Callable[..., list[onnx.NodeProto]]  # (node, names, **options) -> replacement nodes
-
-
-class _Names:
-    """Fresh tensor names that collide with nothing in the graph."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.used = {v for n in model.graph.node for v in (*n.input, *n.output)}
-        self.used |= {v.name for v in (*model.graph.input, *model.graph.output, *model.graph.initializer)}
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    if default is None:
-        raise LlmtrtUserError(f"node {node.name!r} ({node.op_type}) lacks attribute {name!r}; re-export the model")
-    return default
-
-
-def _base(node: onnx.NodeProto) -> str:
-    return node.name or f"{node.op_type}_{node.output[0]}"
-
-
-def native_rmsnorm(node: onnx.NodeProto, names: _Names, **_: object) -> list[onnx.NodeProto]:
-    """RMSNorm(X, scale; epsilon) -> RMSNormalization(X, scale; axis=-1, epsilon) (stash fp32)."""
-    eps = float(_attr(node, "epsilon", 1e-6))
-    return [helper.make_node("RMSNormalization", list(node.input[:2]), [node.output[0]],
-                             name=_base(node), axis=-1, epsilon=eps)]
-
-
-def native_rotary(node: onnx.NodeProto, names: _Names, **_: object) -> list[onnx.NodeProto]:
-    """RotaryEmbedding(X, position_ids, cos, sin) -> opset-23 RotaryEmbedding(X, cos, sin, position_ids)."""
-    x, pos, cos, sin = node.input[:4]
-    return [helper.make_node("RotaryEmbedding", [x, cos, sin, pos], [node.output[0]], name=_base(node),
-                             interleaved=int(_attr(node, "interleaved", 0)))]
-
-
-def _attention(base: str, q: str, k: str, v: str, mask: str, y: str, scale: float | None,
-               decomposable: bool) -> onnx.NodeProto:
-    """TensorRT-importable Attention: no past inputs, one output, no softmax_precision/softcap."""
-    attrs: dict[str, object] = {} if scale is None else {"scale": float(scale)}
-    if decomposable:
-        attrs["TRT_decomposable"] = 1
-    return helper.make_node("Attention", [q, k, v] + ([mask] if mask else []), [y], name=f"{base}/attention", **attrs)
-
-
-def native_gqa(node: onnx.NodeProto, names: _Names, *, decomposable: bool = True, **_: object) -> list[onnx.NodeProto]:
-    """GroupQueryAttention -> Concat(past, new) for K and V, then Attention(Q, K_all, V_all, mask)."""
-    q, k, v, mask, past_k, past_v = node.input[:6]
-    y, present_k, present_v = (list(node.output) + ["", "", ""])[:3]
-    base = _base(node)
-    present_k = present_k or names.fresh(f"{base}/present_key")
-    present_v = present_v or names.fresh(f"{base}/present_value")
-    return [
-        helper.make_node("Concat", [past_k, k], [present_k], name=f"{base}/concat_key", axis=2),
-        helper.make_node("Concat", [past_v, v], [present_v], name=f"{base}/concat_value", axis=2),
-        _attention(base, q, present_k, present_v, mask, y, _attr(node, "scale"), decomposable),
-    ]
-
-
-def native_gqa_static(node: onnx.NodeProto, names: _Names, *, decomposable: bool = True,
-                      **_: object) -> list[onnx.NodeProto]:
-    """GroupQueryAttentionStatic -> opset-24 TensorScatter into each cache, Attention over the whole cache."""
-    q, k, v, mask, key_cache, value_cache, write_indices = node.input[:7]
-    y, present_k, present_v = (list(node.output) + ["", "", ""])[:3]
-    base = _base(node)
-    present_k = present_k or names.fresh(f"{base}/present_key")
-    present_v = present_v or names.fresh(f"{base}/present_value")
-    return [
-        helper.make_node("TensorScatter", [key_cache, k, write_indices], [present_k], name=f"{base}/key_update",
-                         axis=2, mode="linear"),
-        helper.make_node("TensorScatter", [value_cache, v, write_indices], [present_v], name=f"{base}/value_update",
-                         axis=2, mode="linear"),
-        _attention(base, q, present_k, present_v, mask, y, _attr(node, "scale"), decomposable),
-    ]
-
-
-def native_attention(node: onnx.NodeProto, names: _Names, *, decomposable: bool = True,
-                     **_: object) -> list[onnx.NodeProto]:
-    """Standard opset-23 Attention (e.g. ``--ops standard``) -> the form TensorRT imports.
-
-    TensorRT refuses past_key/past_value inputs, more than one output and softmax_precision, so
-    the past is concatenated outside; the 4th output (qk_matmul_output) cannot be expressed.
-    """
-    ins = (list(node.input) + [""] * 7)[:7]
-    outs = (list(node.output) + [""] * 4)[:4]
-    if outs[3] or ins[6] or any(a.name in ("softcap", "qk_matmul_output_mode") and helper.get_attribute_value(a)
-                                for a in node.attribute):
-        return [node]  # nothing TensorRT can do with it; the parser will name the node
-    q, k, v, mask, past_k, past_v = ins[:6]
-    base = _base(node)
-    nodes = []
-    for past, new, present, kind in ((past_k, k, outs[1], "key"), (past_v, v, outs[2], "value")):
-        if past:
-            present = present or names.fresh(f"{base}/present_{kind}")
-            nodes.append(helper.make_node("Concat", [past, new], [present], name=f"{base}/concat_{kind}", axis=2))
-            new = present
-        elif present:
-            nodes.append(helper.make_node("Identity", [new], [present], name=f"{base}/present_{kind}"))
-        if kind == "key":
-            k = new
-        else:
-            v = new
-    scale = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "scale"), None)
-    causal = any(a.name == "is_causal" and helper.get_attribute_value(a) for a in node.attribute)
-    attention = _attention(base, q, k, v, mask, outs[0], scale, decomposable)
-    if causal:
-        attention.attribute.append(helper.make_attribute("is_causal", 1))
-    return nodes + [attention]
-
-
-@dataclass(frozen=True)
-class NativeRewrite:
-    """How one op becomes TensorRT built-ins: the rewrite, the ops it emits, the opset it needs."""
-
-    fn: Rewrite
-    emits: tuple[str, ...]
-    opset: int
-
-
-# (domain, op type) -> rewrite.
-NATIVE_REWRITES: dict[tuple[str, str], NativeRewrite] = {
-    (DOMAIN, "RMSNorm"): NativeRewrite(native_rmsnorm, ("RMSNormalization",), 23),
-    (DOMAIN, "RotaryEmbedding"): NativeRewrite(native_rotary, ("RotaryEmbedding",), 23),
-    (DOMAIN, "GroupQueryAttention"): NativeRewrite(native_gqa, ("Attention",), 23),
-    (DOMAIN, "GroupQueryAttentionStatic"): NativeRewrite(native_gqa_static, ("TensorScatter", "Attention"), 24),
-    ("", "Attention"): NativeRewrite(native_attention, ("Attention",), 23),
-}
 
 
 def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -221,8 +85,10 @@ def lower_native(model: onnx.ModelProto, *, supported: Callable[[str], bool] | N
     Inlining happens first, at the model's original opset (the inliner refuses mixed opsets);
     then the rewrites run and the default-domain opset is raised to what the emitted ops need.
     """
-    def rewrite_for(node: onnx.NodeProto) -> NativeRewrite | None:
-        rw = NATIVE_REWRITES.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+    rewrites = tensorrt_rewrites()
+
+    def rewrite_for(node: onnx.NodeProto) -> TensorRTRewrite | None:
+        rw = rewrites.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
         if rw is None or (supported is not None and not all(map(supported, rw.emits))):
             return None
         return rw
@@ -233,7 +99,7 @@ def lower_native(model: onnx.ModelProto, *, supported: Callable[[str], bool] | N
     else:
         out = onnx.ModelProto()
         out.CopyFrom(model)
-    names = _Names(out)
+    names = Names(out)
     new_nodes: list[onnx.NodeProto] = []
     opset = 0
     for node in out.graph.node:
@@ -252,20 +118,16 @@ def lower_native(model: onnx.ModelProto, *, supported: Callable[[str], bool] | N
 
 
 def lower_plugin(model: onnx.ModelProto, **_: object) -> onnx.ModelProto:
-    """Keep custom nodes for plugins, tagged so TensorRT's parser routes them to the llmtrt::<op>
-    plugins (``plugin_namespace``) and their ahead-of-time kernels (``aot=1``); the build sets the
-    parser's plugin-override flag."""
-    from llmtrt.plugins.trt_plugins import plugin_manifest, plugin_node_attributes
-
-    with_plugins = {entry["name"] for entry in plugin_manifest()}
+    """Keep custom nodes for plugins, each tagged by its op's ``to_plugin`` (``plugin_namespace``,
+    ``aot=1``) so TensorRT's parser routes it to ``llmtrt::<op>``; the build sets the parser's
+    plugin-override flag. Ops without a plugin keep their node (and function body) untouched."""
+    ops = registry()
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for node in out.graph.node:
-        if node.domain == DOMAIN and node.op_type in with_plugins:
-            present = {a.name for a in node.attribute}
-            for name, value in plugin_node_attributes(aot=True).items():
-                if name not in present:
-                    node.attribute.append(helper.make_attribute(name, value))
+    for i, node in enumerate(out.graph.node):
+        op = ops.get(node.op_type) if node.domain == DOMAIN else None
+        if op is not None and op.to_plugin is not None:
+            out.graph.node[i].CopyFrom(op.to_plugin(node))
     return out
 
 
@@ -298,22 +160,49 @@ def lower(model: onnx.ModelProto, mode: str, *, dims: dict[str, int] | None = No
     return out
 
 
-def lower_file(src: str | Path, dst: str | Path, mode: str, **options: object) -> Path:
-    """Lower an ONNX file without loading its external weights; ``dst`` keeps pointing at them.
+def lower_file(src: str | Path, dst: str | Path, mode: str, *, model: onnx.ModelProto | None = None,
+               fuse: bool = False, **options: object) -> Path:
+    """``lower_for_build`` without fusing GEMMs by default; returns ``dst``."""
+    return lower_for_build(src, dst, mode, model=model, fuse=fuse, **options).path
 
-    TensorRT's parser refuses external-data paths that climb out of the model's directory
-    ("Relative paths to parent (../) are not allowed in ONNX external weights"), so weights in
-    another directory are hard-linked (or symlinked) next to ``dst``.
+
+@dataclass(frozen=True)
+class LoweredFile:
+    path: Path
+    fused_groups: int       # MatMul groups sharing an input that became one MatMul + Split
+    fused_bytes: int        # bytes of fused weights written next to ``path``
+
+
+def lower_for_build(src: str | Path, dst: str | Path, mode: str, *, model: onnx.ModelProto | None = None,
+                    fuse: bool = True, **options: object) -> LoweredFile:
+    """Lower an ONNX file into ``dst`` for TensorRT without copying its weights: ``dst`` points at them.
+
+    ``model`` is ``src`` as ``onnx_layout.weightless_model`` reads it (default: read here): weights in
+    external-data files stay there, and weights stored inline in ``src`` (exports under protobuf's
+    2 GB limit) are referenced at their byte offsets inside ``src``. TensorRT's parser refuses
+    external-data paths that climb out of the model's directory ("Relative paths to parent (../)
+    are not allowed in ONNX external weights"), so files in another directory are hard-linked (or
+    symlinked) next to ``dst``. ``fuse`` turns MatMuls sharing an input into one MatMul + Split
+    (``fuse_gemms``), their weights written once to ``<dst>.data``: the builder then has no
+    concatenated copy to make.
     """
+    from llmtrt.pipelines.engine.fuse_gemms import fuse_shared_input_gemms
+    from llmtrt.exporter.onnx_layout import weightless_model
+
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src), load_external_data=False)
-    lowered = lower(model, mode, **options)
+    lowered = lower(model if model is not None else weightless_model(src), mode, **options)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _relocate_external_data(lowered, src.parent, dst.parent)
+    groups, fused = 0, 0
+    if fuse:
+        data = dst.with_name(f"{dst.name}.data")
+        data.unlink(missing_ok=True)
+        report = fuse_shared_input_gemms(lowered, dst.parent, data)
+        groups, fused = len(report.groups), report.bytes
     tmp = dst.with_name(f".{dst.name}.partial")
     onnx.save(lowered, str(tmp))
     tmp.replace(dst)
-    return dst
+    return LoweredFile(dst, groups, fused)
 
 
 def _relocate_external_data(model: onnx.ModelProto, src_dir: Path, dst_dir: Path) -> None:

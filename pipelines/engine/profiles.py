@@ -14,10 +14,13 @@ Concat with an empty past tensor included (measured on TensorRT-RTX 1.7).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import onnx
+if TYPE_CHECKING:
+    import onnx
 
 from llmtrt.exporter.kv_cache import Profile, Range, get_layout
 from llmtrt.pipelines.errors import LlmtrtUserError
@@ -158,26 +161,79 @@ def profile_shapes(profile: Profile, inputs: Mapping[str, Sequence[int | str]],
     return out
 
 
+@dataclass(frozen=True)
+class EngineProfile:
+    """One TensorRT optimization profile: the profiles it serves and per-input (min, opt, max) shapes."""
+
+    members: tuple[Profile, ...]
+    shapes: dict[str, tuple[Shape, Shape, Shape]]
+
+    @property
+    def name(self) -> str:
+        return "+".join(p.name for p in self.members)
+
+    def to_dict(self, inputs: Collection[str]) -> dict[str, Any]:
+        """The manifest entry: the profile's own fields (or, merged, the union of its members' ranges and
+        the members under ``covers``) plus ``shapes`` of the network inputs in ``inputs``."""
+        shapes = {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])}
+                  for k, v in self.shapes.items() if k in inputs}
+        if len(self.members) == 1:
+            return {**self.members[0].to_dict(), "shapes": shapes}
+        ranges = [p.ranges() for p in self.members]
+        union = {key: {"min": min(r[key].min for r in ranges), "opt": ranges[-1][key].opt,
+                       "max": max(r[key].max for r in ranges)} for key in ranges[0]}
+        if "cache" in union:
+            union = {k: v for k, v in union.items() if k != "cache"} | {"max_cache_length": self.members[0].cache}
+        return {"name": self.name, "kv_cache": self.members[0].layout, **union,
+                "covers": [p.to_dict() for p in self.members], "shapes": shapes}
+
+
+def engine_profiles(profiles: Sequence[Profile], inputs: Mapping[str, Sequence[int | str]], *,
+                    merge: bool) -> list[EngineProfile]:
+    """The optimization profiles to build: one per profile, or (``merge``) one covering them all.
+
+    A merged profile takes, per input, the smallest min and the largest max of the profiles'
+    shapes and the last profile's opt (decode: the step that runs most often). Every shape a member
+    accepts is accepted, and no input is stretched beyond what some member allows, so the attention
+    mask never exceeds the model's positions. TensorRT-RTX stores the weights once per optimization
+    profile, so merging halves a prefill + decode plan (``Backend.weights_per_profile``).
+    """
+    shapes = [profile_shapes(p, inputs) for p in profiles]
+    if not merge or len(profiles) < 2:
+        return [EngineProfile((p,), s) for p, s in zip(profiles, shapes, strict=True)]
+    union: dict[str, tuple[Shape, Shape, Shape]] = {}
+    for name in shapes[0]:
+        lows, _, highs = zip(*(s[name] for s in shapes), strict=True)
+        union[name] = (tuple(map(min, zip(*lows, strict=True))), shapes[-1][name][1],
+                       tuple(map(max, zip(*highs, strict=True))))
+    return [EngineProfile(tuple(profiles), union)]
+
+
 def max_positions_from_model(model: onnx.ModelProto) -> int | None:
     """Positions the graph can address: ``max_position_embeddings`` from its metadata_props, else the
     length of its rotary cos table (the exporter's ``rope_cos`` initializer, [max_positions, D/2])."""
-    for prop in model.metadata_props:
-        if prop.key in ("max_position_embeddings", "max_positions"):
-            try:
-                return int(prop.value)
-            except ValueError:
-                return None
-    for init in model.graph.initializer:
-        if init.name == "rope_cos" and len(init.dims) == 2:
-            return int(init.dims[0])
-    return None
+    return _max_positions({p.key: p.value for p in model.metadata_props},
+                          {t.name: tuple(t.dims) for t in model.graph.initializer if t.name == "rope_cos"})
 
 
 def max_positions_from_file(onnx_path: str | Path) -> int | None:
-    """max_positions_from_model for a file, reading the graph only (not its weights)."""
-    from llmtrt.pipelines.artifacts import load_graph
+    """max_positions_from_model for a file, reading neither its weights nor, for a graph that carries
+    them inline, the graph (its protobuf fields are walked with seeks: milliseconds for 600 MB)."""
+    from llmtrt.exporter.onnx_layout import scan
 
-    return max_positions_from_model(load_graph(onnx_path))
+    layout = scan(onnx_path)
+    return _max_positions(layout.metadata, layout.dims)
+
+
+def _max_positions(metadata: Mapping[str, str], dims: Mapping[str, tuple[int, ...]]) -> int | None:
+    for key in ("max_position_embeddings", "max_positions"):
+        if key in metadata:
+            try:
+                return int(metadata[key])
+            except ValueError:
+                return None
+    cos = dims.get("rope_cos")
+    return int(cos[0]) if cos is not None and len(cos) == 2 else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,9 +73,15 @@ class Profiles:
 
 @dataclass(frozen=True)
 class Target:
-    """One engine build per (precision, target); ``onnxruntime`` builds nothing (runs the ONNX)."""
+    """One engine build per (precision, target); ``onnxruntime`` builds nothing (runs the ONNX).
+
+    ``version`` names the backend release the engines are meant for (e.g. "10.3" for JetPack 6's
+    TensorRT, "1.7" for TensorRT-RTX); the plan checks the lowering and precisions against what
+    that release can build (``engine.backends``). Without it the newest declared release is assumed.
+    """
 
     backend: str = field(default="tensorrt-rtx", metadata={"choices": BACKENDS})
+    version: str | None = None
     lower: str = field(default="native", metadata={"choices": ("native", "inline", "plugin")})
     target_cc: list[str] = field(default_factory=list)
     precisions: list[str] = field(default_factory=list, metadata={"choices": PRECISIONS})  # empty: all
@@ -143,8 +149,64 @@ class Stage:
     action: Callable[[Stage], dict[str, Any]]
 
 
-def matrix(config: PipelineConfig) -> list[dict[str, Any]]:
-    """Build jobs (precision x target) for a CI job matrix."""
+_STANDARD_OPS = ("RMSNormalization", "RotaryEmbedding", "Attention")
+
+
+def target_problems(config: PipelineConfig, target: Target) -> list[str]:
+    """Why ``target`` cannot build ``config``'s engines as written (empty: it can), each with its fix.
+
+    Facts come from the backend's declared capabilities per release (engine/backends.py): which
+    ops its ONNX parser imports natively, whether llmtrt's Python plugins work, which precisions build.
+    """
+    from llmtrt.pipelines.engine.backends import BACKENDS as BACKEND_RECORDS
+
+    be = BACKEND_RECORDS[target.backend]
+    caps = be.capabilities_for(target.version)
+    release = f"{target.backend} {target.version or caps.versions}"
+    problems = []
+    if target.target_cc and not be.supports_target_cc:
+        problems.append(f"target_cc needs tensorrt-rtx; {target.backend} builds for the GPU it runs on: drop target_cc")
+    if target.lower == "plugin" and not caps.python_plugins:
+        problems.append(f"lower: plugin needs llmtrt's Python plugins (tensorrt.plugin with AOT kernels, TensorRT "
+                        f">= 10.9), which {release} does not have: use lower: native (ops its parser lacks are "
+                        "inlined from their ONNX functions) or lower: inline")
+    if config.dialect == "standard":
+        needed = set(_STANDARD_OPS) | ({"TensorScatter"} if config.kv_cache == "static" else set())
+        missing = sorted(needed - caps.native_ops)
+        if missing:
+            problems.append(f"dialect: standard needs native {', '.join(missing)} importers, which {release}'s "
+                            "ONNX parser lacks (standard ops have no function body to inline): use dialect: custom "
+                            "with lower: native or inline")
+        elif target.lower != "native":
+            problems.append("dialect: standard graphs have nothing to inline or route to plugins: use lower: native")
+    bad = [p for p in target.precisions or config.precisions if ENGINE_PRECISION[p] not in caps.precisions]
+    if bad:
+        problems.append(f"precisions {', '.join(bad)}: {release} builds {', '.join(sorted(caps.precisions))} "
+                        "engines: drop them from this target's precisions")
+    return problems
+
+
+def check_targets(config: PipelineConfig, config_path: Path | None = None) -> None:
+    """A user error naming the file, each target that cannot work as written, and the fix."""
+    where = str(config_path) if config_path is not None else "the pipeline config"
+    lines = []
+    for i, target in enumerate(config.targets):
+        if target.backend == "onnxruntime":
+            continue
+        try:
+            problems = target_problems(config, target)
+        except LlmtrtUserError as exc:
+            problems = [f"{exc}"]
+        name = f"targets[{i}] ({target.backend}" + (f" {target.version}" if target.version else "") + ")"
+        lines += [f"  {name}: {problem}" for problem in problems]
+    if lines:
+        raise LlmtrtUserError(f"{where}: these targets cannot build as written:\n" + "\n".join(lines))
+
+
+def matrix(config: PipelineConfig, config_path: Path | None = None) -> list[dict[str, Any]]:
+    """Build jobs (precision x target) for a CI job matrix; targets that cannot build as written are
+    refused (``check_targets``)."""
+    check_targets(config, config_path)
     jobs = []
     for target in config.targets:
         for precision in target.precisions or config.precisions:
@@ -152,14 +214,16 @@ def matrix(config: PipelineConfig) -> list[dict[str, Any]]:
                 raise LlmtrtUserError(f"targets: {target.label} lists precision {precision!r}, which is not in "
                                       "the pipeline's precisions")
             jobs.append({"precision": precision, "backend": target.backend, "lower": target.lower,
-                         "target_cc": ",".join(target.target_cc), "label": target.label})
+                         "target_cc": ",".join(target.target_cc), "label": target.label,
+                         **({"version": target.version} if target.version else {})})
     return jobs
 
 
 def plan(config: PipelineConfig, out_dir: str | Path, config_path: Path | None = None) -> list[Stage]:
-    """The ordered stages the config asks for."""
+    """The ordered stages the config asks for (targets that cannot build as written are refused first)."""
     from llmtrt.pipelines.pipeline import stages
 
+    check_targets(config, config_path)
     out = Path(out_dir)
     export_dir = out / "onnx" / (config.dialect + ("-static" if config.kv_cache == "static" else ""))
     artifact = {"fp32": export_dir}
@@ -176,7 +240,7 @@ def plan(config: PipelineConfig, out_dir: str | Path, config_path: Path | None =
             "precision": precision, "calib_text": str(calib), "calib_sha256": stages.file_sha256(calib),
             "samples": config.calibration.samples, "seq_len": config.calibration.seq_len,
         }, stages.quantize))
-    for job in matrix(config):
+    for job in matrix(config, config_path):
         if job["backend"] == "onnxruntime":
             continue
         precision = job["precision"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import onnx
 import torch
-from onnx import helper
 from onnxscript.values import Opset
 
+from llmtrt.plugins.gqa_attention import lowering
 from llmtrt.plugins.onnx_function import parse_function, register_schema
 from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
 
@@ -105,16 +105,8 @@ def function(opset: int) -> onnx.FunctionProto:
     )
 
 
-def to_standard(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return [helper.make_node(
-        "Attention", list(node.input), list(node.output), name=node.name,
-        q_num_heads=attrs["q_num_heads"], kv_num_heads=attrs["kv_num_heads"], scale=attrs["scale"],
-        softmax_precision=onnx.TensorProto.FLOAT,
-    )]
-
-
 OP = CustomOp(
     onnx_op="GroupQueryAttention", version="1.0", torch_op=torch.ops.llmtrt.gqa_attention.default,
-    reference=reference, translation=translation, function=function, to_standard=to_standard,
+    reference=reference, translation=translation, function=function, to_standard=lowering.to_standard,
+    tensorrt=lowering.TENSORRT, standard_tensorrt=lowering.STANDARD_TENSORRT, to_plugin=lowering.to_plugin,
 )

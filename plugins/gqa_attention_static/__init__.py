@@ -16,6 +16,7 @@ from onnx import helper
 from onnxscript.values import Opset
 
 from llmtrt.plugins.gqa_attention import reference as gqa_reference
+from llmtrt.plugins.gqa_attention_static import lowering
 from llmtrt.plugins.onnx_function import parse_function, register_schema
 from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
 
@@ -101,24 +102,9 @@ def function(opset: int) -> onnx.FunctionProto:
     return fn
 
 
-def to_standard(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """Opset-24 TensorScatter writes the rows; Attention (no past inputs) reads the whole cache."""
-    q, k, v, mask, key_cache, value_cache, write_indices = node.input
-    y, present_key, present_value = node.output
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return [
-        helper.make_node("TensorScatter", [key_cache, k, write_indices], [present_key], name=node.name + "/key_update",
-                         axis=2, mode="linear"),
-        helper.make_node("TensorScatter", [value_cache, v, write_indices], [present_value],
-                         name=node.name + "/value_update", axis=2, mode="linear"),
-        helper.make_node("Attention", [q, present_key, present_value, mask], [y], name=node.name,
-                         q_num_heads=attrs["q_num_heads"], kv_num_heads=attrs["kv_num_heads"], scale=attrs["scale"],
-                         softmax_precision=onnx.TensorProto.FLOAT),
-    ]
-
-
 OP = CustomOp(
     onnx_op="GroupQueryAttentionStatic", version="1.0", torch_op=torch.ops.llmtrt.gqa_attention_static.default,
-    reference=reference, translation=translation, function=function, to_standard=to_standard,
+    reference=reference, translation=translation, function=function, to_standard=lowering.to_standard,
+    tensorrt=lowering.TENSORRT, to_plugin=lowering.to_plugin,
     min_standard_opset=24,
 )

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import onnx
 import torch
-from onnx import helper
 from onnxscript.values import Opset
 
 from llmtrt.plugins.onnx_function import parse_function, reduce_mean_last_axis, register_schema
 from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
+from llmtrt.plugins.rms_norm import lowering
 
 SCHEMA = register_schema(
     "RMSNorm", __doc__, inputs=[("X", "T"), ("scale", "T")], outputs=[("Y", "T")], attributes={"epsilon": "float"})
@@ -55,13 +55,8 @@ def function(opset: int) -> onnx.FunctionProto:
     return parse_function("RMSNorm", "(X, scale) => (Y)", body, opset, attributes="epsilon")
 
 
-def to_standard(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    eps = next(a.f for a in node.attribute if a.name == "epsilon")
-    return [helper.make_node("RMSNormalization", list(node.input), list(node.output), name=node.name,
-                             axis=-1, epsilon=eps, stash_type=1)]
-
-
 OP = CustomOp(
     onnx_op="RMSNorm", version="1.0", torch_op=torch.ops.llmtrt.rms_norm.default, reference=reference,
-    translation=translation, function=function, to_standard=to_standard,
+    translation=translation, function=function, to_standard=lowering.to_standard,
+    tensorrt=lowering.TENSORRT, to_plugin=lowering.to_plugin,
 )

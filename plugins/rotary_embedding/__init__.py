@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import onnx
 import torch
-from onnx import helper
 from onnxscript.values import Opset
 
 from llmtrt.plugins.onnx_function import parse_function, register_schema
 from llmtrt.plugins.registry import DOMAIN, DOMAIN_VERSION, CustomOp
+from llmtrt.plugins.rotary_embedding import lowering
 
 SCHEMA = register_schema(
     "RotaryEmbedding", __doc__,
@@ -72,13 +72,8 @@ def function(opset: int) -> onnx.FunctionProto:
     return parse_function("RotaryEmbedding", "(X, position_ids, cos_cache, sin_cache) => (Y)", body, opset)
 
 
-def to_standard(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    x, position_ids, cos_cache, sin_cache = node.input
-    return [helper.make_node("RotaryEmbedding", [x, cos_cache, sin_cache, position_ids], list(node.output),
-                             name=node.name, interleaved=0)]
-
-
 OP = CustomOp(
     onnx_op="RotaryEmbedding", version="1.0", torch_op=torch.ops.llmtrt.rotary_embedding.default,
-    reference=reference, translation=translation, function=function, to_standard=to_standard,
+    reference=reference, translation=translation, function=function, to_standard=lowering.to_standard,
+    tensorrt=lowering.TENSORRT, to_plugin=lowering.to_plugin,
 )

@@ -20,7 +20,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from llmtrt.pipelines.artifacts import onnx_sha256
-from llmtrt.pipelines.engine import backends, build, lowering
+from llmtrt.pipelines.engine import backends, build, lowering, plugin_setup
 from llmtrt.pipelines.engine.profiles import (
     Profile,
     Range,
@@ -368,8 +368,14 @@ def test_build_writes_plan_and_manifest(tmp_path, precision, dtype, mode):
     assert mf["onnx_sha256"] == onnx_sha256(tmp_path / "model.onnx")
     assert mf["backend"]["name"] == "tensorrt-rtx" and mf["backend"]["version"].startswith("1.")
     assert mf["target_compute_capabilities"] == ["SM89", "SM120"]
-    assert [p["name"] for p in mf["profiles"]] == ["prefill", "decode"]
-    assert mf["profiles"][1]["shapes"]["attention_mask"] == {"min": [1, 2], "opt": [2, 25], "max": [2, 49]}
+    # TensorRT-RTX stores weights per optimization profile: prefill and decode share one (their union)
+    [profile] = mf["profiles"]
+    assert profile["name"] == "prefill+decode" and [p["name"] for p in profile["covers"]] == ["prefill", "decode"]
+    assert profile["shapes"]["attention_mask"] == {"min": [1, 1], "opt": [2, 25], "max": [2, 49]}
+    assert profile["shapes"]["past_key_values.0.key"] == {"min": [1, HKV, 0, D], "opt": [2, HKV, 24, D],
+                                                          "max": [2, HKV, 48, D]}
+    assert mf["builder"]["profiles_merged"] and mf["builder"]["plan_streamed"]
+    assert mf["weights"]["bytes"] > 0 and mf["refit"] == {"required": False} and not mf["weights"]["stripped"]
     assert mf["stats"]["build_seconds"] > 0 and mf["stats"]["peak_rss_bytes"] > 0
     assert mf["network"]["num_layers"] == len(mf["network"]["layers"]) > 0
     types = {layer["type"] for layer in mf["network"]["layers"]}
@@ -481,9 +487,9 @@ def test_python_plugins_are_refused_on_rtx(tmp_path):
 
 @rtx
 def test_preflight_turns_an_abort_into_a_user_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "_PREFLIGHT", "import os; os.abort()")
+    monkeypatch.setattr(plugin_setup, "_PREFLIGHT", "import os; os.abort()")
     with pytest.raises(LlmtrtUserError, match="aborted while importing plugin nodes"):
-        build._preflight_parse(backends.get_backend("tensorrt-rtx"), tmp_path / "m.onnx", [], True)
+        plugin_setup.preflight_parse(backends.get_backend("tensorrt-rtx"), tmp_path / "m.onnx", [], True)
 
 
 @rtx

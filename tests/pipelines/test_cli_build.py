@@ -86,19 +86,23 @@ def test_build_tiny(exports, tmp_path, dialect, lower, kv_cache):
                             "onnx_sha256": export["onnx_sha256"]}
     assert mf["lowering"]["mode"] == lower and (out / f"model.{lower}.onnx").is_file()
     assert mf["network"]["num_layers"] == summary["layers"] > 0
-    assert [p["name"] for p in mf["profiles"]] == ["prefill", "decode"]
-    shapes = [p["shapes"] for p in mf["profiles"]]
+    # one optimization profile covering prefill and decode: TensorRT-RTX stores the weights per profile
+    [profile] = mf["profiles"]
+    assert profile["name"] == "prefill+decode" and [p["name"] for p in profile["covers"]] == ["prefill", "decode"]
+    shapes = profile["shapes"]
     types = {layer["type"] for layer in mf["network"]["layers"]}
     if kv_cache == "static":
-        assert all(p["max_cache_length"] == 48 and "past" not in p for p in mf["profiles"])
-        assert shapes[1]["past_key_values.1.value"] == {"min": [1, 2, 48, 16], "opt": [2, 2, 48, 16],
-                                                        "max": [2, 2, 48, 16]}
-        assert shapes[0]["write_indices"] == {"min": [1], "opt": [2], "max": [2]}
+        assert all(p["max_cache_length"] == 48 and "past" not in p for p in [profile, *profile["covers"]])
+        assert shapes["past_key_values.1.value"] == {"min": [1, 2, 48, 16], "opt": [2, 2, 48, 16],
+                                                     "max": [2, 2, 48, 16]}
+        assert shapes["write_indices"] == {"min": [1], "opt": [2], "max": [2]}
+        assert shapes["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [2, 16]}
         assert mf["lowering"]["pinned_dims"] == {"max_cache_length": 48}
     else:
-        assert mf["profiles"][1]["past"] == {"min": 1, "opt": 24, "max": 48}
-        assert shapes[1]["attention_mask"] == {"min": [1, 2], "opt": [2, 25], "max": [2, 49]}
-        assert shapes[0]["past_key_values.0.key"]["max"] == [2, 2, 0, 16]
+        assert profile["covers"][1]["past"] == {"min": 1, "opt": 24, "max": 48}
+        assert profile["past"] == {"min": 0, "opt": 24, "max": 48}
+        assert shapes["attention_mask"] == {"min": [1, 1], "opt": [2, 25], "max": [2, 49]}  # never past + prompt
+        assert shapes["past_key_values.0.key"] == {"min": [1, 2, 0, 16], "opt": [2, 2, 24, 16], "max": [2, 2, 48, 16]}
     if lower == "native" and dialect != "decomposed":
         assert {"ROTARY_EMBEDDING", "ATTENTION_INPUT"} <= types
         assert ("KV_CACHE_UPDATE" in types) == (kv_cache == "static")  # TensorScatter: in-place cache update
@@ -147,9 +151,9 @@ def test_standard_inline_lists_nodes_and_suggests_native(exports, tmp_path):
     result = invoke("build", exports("standard", "dynamic"), "--out", str(tmp_path), "--lower", "inline",
                     "--backend", "tensorrt-rtx", "--max-prompt", "8", "--max-kv", "16")
     assert result.exit_code == 2
-    lines = result.stderr.splitlines()
-    failing = [line for line in lines if line.startswith("  - ")]
-    assert len(failing) == 2 and all("(Attention): " in line and "softmax precision" in line for line in failing)
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]  # the nodes joined with "; "
+    assert "TensorRT cannot import 2 node(s)" in line
+    assert line.count("(Attention): ") == 2 and line.count("softmax precision") == 2
     assert "try `--lower native`" in result.stderr and not list(tmp_path.glob("engine.*"))
 
 
@@ -158,7 +162,8 @@ def test_plugin_without_libraries_is_refused_per_node(exports, tmp_path):
     result = invoke("build", exports("custom", "dynamic"), "--out", str(tmp_path), "--lower", "plugin",
                     "--backend", "tensorrt-rtx", "--max-prompt", "8", "--max-kv", "16")
     assert result.exit_code == 2
-    failing = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    failing = [part for part in line.split("; ") if "(llmtrt::" in part]
     assert len(failing) == 6  # 2 layers x (2 RotaryEmbedding + GroupQueryAttention); RMSNorm has no clash
     assert all("llmtrt::" in line for line in failing) and "`--lower native`" in result.stderr
 
@@ -179,8 +184,14 @@ def test_profiles_yaml(exports, tmp_path):
     result = invoke("build", exports("custom", "static"), "--out", str(out), "--profiles", str(yaml_path), "--json")
     assert result.exit_code == 0, result.output
     mf = json.loads((out / "engine.fp32.json").read_text())
-    assert [(p["name"], p["seq"]["max"], p["max_cache_length"]) for p in mf["profiles"]] == [
+    assert [(p["name"], p["seq"]["max"], p["max_cache_length"]) for p in mf["profiles"][0]["covers"]] == [
         ("prefill", 16, 32), ("decode", 1, 32)]
+    separate = invoke("build", exports("custom", "static"), "--out", str(out), "--profiles", str(yaml_path),
+                      "--separate-profiles", "--json")
+    assert separate.exit_code == 0, separate.output
+    mf = json.loads((out / "engine.fp32.json").read_text())
+    assert [(p["name"], p["seq"]["max"], p["max_cache_length"]) for p in mf["profiles"]] == [
+        ("prefill", 16, 32), ("decode", 1, 32)] and not mf["builder"]["profiles_merged"]
     clash = invoke("build", exports("custom", "static"), "--out", str(out), "--profiles", str(yaml_path),
                    "--max-kv", "8")
     assert clash.exit_code == 2 and "both set profiles" in clash.stderr
