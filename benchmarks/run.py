@@ -87,7 +87,7 @@ def measure_build(export_dir: Path, out: Path) -> dict:
     """TensorRT-RTX ahead-of-time build (fp32, --lower native, SM89) of an export: seconds and plan size."""
     import logging
 
-    from llmtrt.pipelines.engine.build import build_from_export
+    from llmtrt.pipelines.engine.from_export import build_from_export
 
     logging.getLogger("llmtrt.pipelines.engine.backends").setLevel(logging.ERROR)  # int64-binding notes: in the manifest
     try:

@@ -10,16 +10,9 @@ import click
 from llmtrt.pipelines.cli import main, user_errors
 from llmtrt.pipelines.errors import LlmtrtUserError
 
-__all__ = ["build", "build_from_export"]
+__all__ = ["build"]
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
-
-
-def build_from_export(*args, **kwargs):
-    """llmtrt.pipelines.engine.build.build_from_export, imported on first use (onnx stays out of `--help`)."""
-    from llmtrt.pipelines.engine.from_export import build_from_export as run
-
-    return run(*args, **kwargs)
 
 
 def _kv_cache(export_dir: str) -> str:
@@ -132,11 +125,17 @@ def build(export_dir: str, out_dir: str, backend: str | None, precision: str | N
         if not as_json:
             click.echo(message, err=True)
 
+    from llmtrt.pipelines.engine.from_export import build_from_export
+
     result = build_from_export(export_dir, out_dir, precision=precision, backend=backend, lower=lower,
                                target_cc=target_cc, max_batch=max_batch, max_prompt=max_prompt, max_kv=max_kv,
                                profiles=profiles, opt_level=opt_level, workspace_mb=workspace_mb,
                                timing_cache=timing_cache, plugins=plugins, strip_weights=strip_weights,
                                merge_profiles=False if separate_profiles else None, progress=progress)
+    _print_result(result, as_json)
+
+
+def _print_result(result, as_json: bool) -> None:
     m = result.manifest
     summary = {"plan": str(result.plan_path), "manifest": str(result.manifest_path), "precision": m["precision"],
                "backend": m["backend"]["name"], "backend_version": m["backend"]["version"],

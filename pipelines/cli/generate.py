@@ -98,6 +98,10 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, no_bos: 
             click.echo(_prompt_text(tokenizer, prompt), nl=False)
         result = gen.generate(runner, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
                               chat=chat, on_text=on_text if streaming else None)
+    _print_result(result, runner, prompt, sampling, chat=chat, stream=stream, as_json=as_json)
+
+
+def _print_result(result, runner, prompt: str, sampling, *, chat: bool, stream: bool, as_json: bool) -> None:
     s = result.stats
     reason = result.stop_reasons[0]
     if as_json:

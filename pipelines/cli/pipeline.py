@@ -53,7 +53,8 @@ def run_command(config: str, out_dir: str | None, only: str, force: bool, as_jso
     """
     import logging
 
-    from llmtrt.pipelines.pipeline.plan import load_config, run
+    from llmtrt.pipelines.pipeline.config import load_config
+    from llmtrt.pipelines.pipeline.run import run
 
     # TensorRT's warnings go into each engine manifest ("warnings"); keep the terminal to progress lines.
     logging.getLogger("llmtrt.pipelines.engine.backends").setLevel(logging.ERROR)
@@ -84,7 +85,8 @@ def matrix_command(config: str) -> None:
     GitHub Actions: {"include": [...]} goes straight into `strategy.matrix` via fromJSON
     (see docs/ci.md).
     """
-    from llmtrt.pipelines.pipeline.plan import load_config, matrix
+    from llmtrt.pipelines.pipeline.config import load_config
+    from llmtrt.pipelines.pipeline.plan import matrix
 
     config = _config_path(config)
     click.echo(json.dumps({"include": matrix(load_config(config))}, indent=2))
@@ -96,7 +98,9 @@ def matrix_command(config: str) -> None:
 @user_errors
 def plan_command(config: str, out_dir: str | None) -> None:
     """List the stages CONFIG runs, their output directories and whether each is cached."""
-    from llmtrt.pipelines.pipeline.plan import RECORD, load_config, plan, stage_key
+    from llmtrt.pipelines.pipeline.config import RECORD, load_config
+    from llmtrt.pipelines.pipeline.plan import plan
+    from llmtrt.pipelines.pipeline.run import stage_key
 
     config = _config_path(config)
     cfg = load_config(config)

@@ -194,12 +194,3 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, *, precision: str,
                       opt_level=opt_level, workspace_mb=workspace_mb, timing_cache=timing_cache, plugins=plugins,
                       max_positions=max_positions, strip_weights=strip_weights, merge_profiles=merge_profiles)
     return job.run(out_dir, source=source, extra=extra, progress=progress)
-
-
-def __getattr__(name: str) -> Any:
-    """``build_from_export`` and ``export_profiles`` live in from_export.py (imported on first use)."""
-    if name in ("build_from_export", "export_profiles", "DEFAULT_MAX_PROMPT"):
-        from llmtrt.pipelines.engine import from_export
-
-        return getattr(from_export, name)
-    raise AttributeError(name)

@@ -119,11 +119,11 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
         _profiles_for(early["kv_cache"], export_dir / MANIFEST_NAME, profiles, _max_positions(export_dir, early),
                       **sizes)
 
+    from llmtrt.exporter.onnx_layout import weightless_model
     from llmtrt.pipelines.artifacts import MANIFEST, load_exported, read_manifest
     from llmtrt.pipelines.engine.build import BuildResult, EngineBuild
     from llmtrt.pipelines.engine.digests import Digests
     from llmtrt.pipelines.engine.lowering import lower_for_build
-    from llmtrt.exporter.onnx_layout import weightless_model
     from llmtrt.pipelines.engine.parse_errors import UnsupportedNodesError
 
     raw = read_manifest(export_dir)

@@ -186,8 +186,8 @@ def lower_for_build(src: str | Path, dst: str | Path, mode: str, *, model: onnx.
     (``fuse_gemms``), their weights written once to ``<dst>.data``: the builder then has no
     concatenated copy to make.
     """
-    from llmtrt.pipelines.engine.fuse_gemms import fuse_shared_input_gemms
     from llmtrt.exporter.onnx_layout import weightless_model
+    from llmtrt.pipelines.engine.fuse_gemms import fuse_shared_input_gemms
 
     src, dst = Path(src), Path(dst)
     lowered = lower(model if model is not None else weightless_model(src), mode, **options)

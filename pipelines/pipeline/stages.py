@@ -5,39 +5,13 @@ A summary's ``passed`` (default True) is the stage's gate; ``outputs`` lists the
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmtrt.exporter.files import sha256_file, write_json_atomically
+from llmtrt.exporter.files import write_json_atomically
 
 if TYPE_CHECKING:
-    from llmtrt.pipelines.pipeline.plan import PipelineConfig, Stage
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    write_json_atomically(path, payload)
-
-
-def file_sha256(path: Path) -> str:
-    return sha256_file(path)
-
-
-def model_source_hash(spec: str, seed: int) -> str:
-    """Content hash of what the model spec names: the checkpoint's files, or the preset file + seed."""
-    from llmtrt.exporter.config import resolve_model
-
-    source = resolve_model(spec, seed=seed)
-    h = hashlib.sha256(json.dumps(source.config.to_dict(), sort_keys=True).encode())
-    if source.is_checkpoint:
-        for path in sorted(Path(source.checkpoint_dir).iterdir()):
-            if path.suffix in (".json", ".safetensors"):
-                h.update(path.name.encode())
-                h.update(sha256_file(path).encode())
-    else:
-        h.update(f"random-init seed {seed}".encode())
-    return h.hexdigest()
+    from llmtrt.pipelines.pipeline.config import PipelineConfig, Stage
 
 
 def _dir_bytes(directory: Path, pattern: str = "*") -> int:
@@ -71,7 +45,7 @@ def quantize(stage: Stage) -> dict[str, Any]:
 
 
 def build(stage: Stage) -> dict[str, Any]:
-    from llmtrt.pipelines.engine.build import build_from_export
+    from llmtrt.pipelines.engine.from_export import build_from_export
 
     o = stage.options
     result = build_from_export(stage.inputs[0], stage.out_dir, precision=o["precision"], backend=o["backend"],
@@ -113,7 +87,7 @@ def report(config: PipelineConfig, out: Path, results: list[dict[str, Any]], sec
     summary = {"name": config.name, "model": config.model, "out_dir": str(out), "passed": passed,
                "seconds": seconds, "stages": results,
                "report_md": str(reports / "report.md"), "report_json": str(reports / "report.json")}
-    write_json(reports / "report.json", summary)
+    write_json_atomically(reports / "report.json", summary)
     lines = [f"# llmtrt pipeline report: {config.name}", "",
              f"Model `{config.model}`, dialect `{config.dialect}`, KV cache `{config.kv_cache}`. "
              f"Overall: **{'PASS' if passed else 'FAIL'}** in {seconds:.1f} s.", "",

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from llmtrt.exporter.yaml_schema import loads_dataclass
 from llmtrt.pipelines.cli import main
 from llmtrt.pipelines.errors import LlmtrtUserError
-from llmtrt.pipelines.pipeline.plan import PipelineConfig, load_config, matrix, plan
+from llmtrt.pipelines.pipeline.config import PipelineConfig, load_config
+from llmtrt.pipelines.pipeline.plan import matrix, plan
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ from llmtrt.exporter.yaml_schema import loads_dataclass
 from llmtrt.pipelines.cli import main
 from llmtrt.pipelines.engine.backends import BACKENDS, ENGINE_PRECISIONS, LOWERING_OPS
 from llmtrt.pipelines.errors import LlmtrtUserError
-from llmtrt.pipelines.pipeline.plan import (
+from llmtrt.pipelines.pipeline.config import (
     ENGINE_PRECISION,
     PipelineConfig,
     check_targets,

@@ -302,7 +302,7 @@ def _rtx_available() -> bool:
 @pytest.mark.skipif(not _rtx_available(), reason="needs TensorRT-RTX (tensorrt-rtx bindings) to build engines")
 @pytest.mark.parametrize("precision, engine", [("int8-sq", "int8"), ("int4-awq", "int4")])
 def test_builds_with_tensorrt_rtx(precision, engine, artifacts, tmp_path):
-    from llmtrt.pipelines.engine.build import build_from_export
+    from llmtrt.pipelines.engine.from_export import build_from_export
 
     result = build_from_export(artifacts(precision), tmp_path / "engine", precision=engine, backend="tensorrt-rtx",
                                lower="native", max_prompt=64, max_kv=128, opt_level=0)

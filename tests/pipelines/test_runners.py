@@ -158,7 +158,7 @@ def test_engine_runner_feeds_satisfy_the_manifest_profiles(tmp_path, kv_cache):
     pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install 'llmtrt[rtx]')")
     from llmtrt.exporter.onnx_export import ExportOptions
     from llmtrt.pipelines.artifacts import export_artifact
-    from llmtrt.pipelines.engine.build import build_from_export
+    from llmtrt.pipelines.engine.from_export import build_from_export
 
     ops = "standard" if kv_cache == "static" else "custom"
     export_artifact(SOURCE, tmp_path / "onnx", ExportOptions(dialect=ops, kv_cache=kv_cache, max_positions=64))
