@@ -48,13 +48,32 @@ def load_dataclass(cls: type[T], path: str | Path) -> T:
     return loads_dataclass(cls, text, str(path))
 
 
-def loads_dataclass(cls: type[T], text: str, source: str = "<string>") -> T:
+def load_typed(tp: Any, path: str | Path) -> Any:
+    """Like :func:`load_dataclass` for any supported type (e.g. ``dict[str, Spec | int]``)."""
+    path = Path(path)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LlmtrtUserError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise LlmtrtUserError(f"{path}: not UTF-8 text") from None
+    node = _compose(text, str(path))
+    if node is None:
+        raise LlmtrtUserError(f"{path}: the file is empty")
+    return _convert(tp, node, "", _Ctx(str(path)))
+
+
+def _compose(text: str, source: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise LlmtrtUserError(f"{source}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def loads_dataclass(cls: type[T], text: str, source: str = "<string>") -> T:
+    node = _compose(text, source)
     if node is None:
         raise LlmtrtUserError(f"{source}: the file is empty; expected a mapping of {cls.__name__} fields")
     return _convert(cls, node, "", _Ctx(source))

@@ -239,64 +239,75 @@ def _max_positions(metadata: Mapping[str, str], dims: Mapping[str, tuple[int, ..
 # --------------------------------------------------------------------------------------------
 # --profiles YAML
 # --------------------------------------------------------------------------------------------
-_PROFILE_KEYS = {"batch", "seq", "past"}
+@dataclass(frozen=True)
+class RangeSpec:
+    min: int
+    opt: int
+    max: int
 
 
-def _range_from(value: object, where: str) -> Range:
+def _range(value: int | list[int] | RangeSpec, key: str) -> Range:
     """``4`` (fixed), ``[min, opt, max]`` or ``{min:, opt:, max:}`` -> Range."""
-    if isinstance(value, bool):
-        value = None
     if isinstance(value, int):
         return Range(value, value, value)
-    if isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                           for v in value):
+    if isinstance(value, list):
+        if len(value) != 3:
+            raise LlmtrtUserError(f"{key}: expected an integer, [min, opt, max] or {{min, opt, max}}, got {value}")
         return Range(*value)
-    if isinstance(value, dict) and set(value) == {"min", "opt", "max"} and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
-        return Range(value["min"], value["opt"], value["max"])
-    raise LlmtrtUserError(f"{where}: expected an integer, [min, opt, max] or {{min, opt, max}}, got {value!r}")
+    return Range(value.min, value.opt, value.max)
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """One profile of a --profiles YAML; each range is N, [min, opt, max] or {min:, opt:, max:}."""
+
+    batch: int | list[int] | RangeSpec
+    seq: int | list[int] | RangeSpec
+    past: int | list[int] | RangeSpec | None = None
+
+    def ranges(self) -> dict[str, Range | None]:
+        out = {key: _range(getattr(self, key), key) for key in ("batch", "seq")}
+        out["past"] = None if self.past is None else _range(self.past, "past")
+        for key, rng in out.items():
+            if rng is not None and not rng.min <= rng.opt <= rng.max:
+                raise LlmtrtUserError(f"{key} must satisfy min <= opt <= max, got min={rng.min} opt={rng.opt} "
+                                      f"max={rng.max}")
+        return out
+
+    def __post_init__(self) -> None:
+        self.ranges()
 
 
 def profiles_from_yaml(path: str | Path, kv_cache: str = "dynamic") -> list[Profile]:
-    """Profiles from a YAML file, in file order. Dynamic cache::
+    """Profiles from a YAML file, in file order (read through the one YAML loader: errors at file:line).
+    Dynamic cache::
 
         prefill: {batch: [1, 1, 4], seq: [1, 128, 512], past: 0}
         decode:  {batch: [1, 1, 4], seq: 1, past: [1, 512, 2047]}
 
     Static cache (``kv_cache: static`` graphs): a top-level ``max_cache_length: N`` and no ``past``.
     """
-    import yaml
+    from llmtrt.exporter.yaml_schema import load_typed
 
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise LlmtrtUserError(f"--profiles {path}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise LlmtrtUserError(f"--profiles {path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict) or not raw:
-        raise LlmtrtUserError(f"--profiles {path}: expected a mapping of profile name -> ranges")
-    raw = dict(raw)
+    raw = dict(load_typed(dict[str, ProfileSpec | int], path))
     cache = raw.pop("max_cache_length", None)
-    if kv_cache == "static" and not (isinstance(cache, int) and not isinstance(cache, bool)):
+    fixed = get_layout(kv_cache).fixed_capacity
+    if fixed and not isinstance(cache, int):
         raise LlmtrtUserError(f"--profiles {path}: the graph has a static KV cache; set max_cache_length: N "
                               "(the fixed cache length) at the top level")
-    if kv_cache != "static" and cache is not None:
+    if not fixed and cache is not None:
         raise LlmtrtUserError(f"--profiles {path}: max_cache_length is for static-cache graphs; this graph's cache "
                               "grows (use past: [min, opt, max] in each profile)")
     profiles = []
-    for name, body in raw.items():
-        where = f"--profiles {path}: {name}"
-        if not isinstance(body, dict):
-            raise LlmtrtUserError(f"{where}: expected a mapping with batch, seq" + ("" if cache else ", past"))
-        allowed = _PROFILE_KEYS - {"past"} if cache is not None else _PROFILE_KEYS
-        unknown = sorted(set(body) - allowed)
-        missing = sorted(allowed - set(body))
-        if unknown or missing:
-            raise LlmtrtUserError(f"{where}: " + "; ".join(
-                ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
-                + ([f"missing key(s) {', '.join(missing)}"] if missing else []))
-                + f" (keys: {', '.join(sorted(allowed))})")
-        ranges = {k: _range_from(v, f"{where}.{k}") for k, v in body.items()}
-        profiles.append(Profile(str(name), ranges["batch"], ranges["seq"], ranges.get("past"), cache))
+    for name, spec in raw.items():
+        if not isinstance(spec, ProfileSpec):
+            raise LlmtrtUserError(f"--profiles {path}: {name}: expected a mapping with batch, seq"
+                                  + ("" if fixed else ", past"))
+        if (spec.past is None) != fixed:
+            raise LlmtrtUserError(f"--profiles {path}: {name}: " + ("a static cache has no past (drop it)" if fixed
+                                                                    else "missing key past (past: [min, opt, max])"))
+        r = spec.ranges()
+        profiles.append(Profile(name, r["batch"], r["seq"], r["past"], cache))
+    if not profiles:
+        raise LlmtrtUserError(f"--profiles {path}: no profiles; expected a mapping of profile name -> ranges")
     return profiles

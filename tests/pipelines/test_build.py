@@ -255,10 +255,11 @@ def test_profiles_from_yaml(tmp_path):
                                         decode_profile(4, 47, opt_batch=1, opt_past=8)]
     path.write_text("max_cache_length: 32\nprefill: {batch: 1, seq: [1, 8, 16]}\n")
     assert profiles_from_yaml(path, "static") == [Profile("prefill", Range(1, 1, 1), Range(1, 8, 16), cache=32)]
-    for text, match in [("prefill: {batch: 1, seq: 1, past: 0, beam: 2}\n", "unknown key.*beam"),
-                        ("prefill: {batch: 1, seq: 1}\n", "missing key.*past"),
-                        ("prefill: {batch: [1, 2], seq: 1, past: 0}\n", r"prefill.batch: expected"),
-                        ("prefill: [", "not valid YAML")]:
+    for text, match in [("prefill: {batch: 1, seq: 1, past: 0, beam: 2}\n", r"p.yaml:1: prefill.beam: unknown key"),
+                        ("prefill: {batch: 1, seq: 1}\n", "missing key past"),
+                        ("prefill: {batch: [1, 2], seq: 1, past: 0}\n", r"p.yaml:1: batch: expected"),
+                        ("prefill: {batch: 1, seq: [1, 8, 4], past: 0}\n", r"p.yaml:1: seq must satisfy min <= opt"),
+                        ("prefill: [", "invalid YAML")]:
         path.write_text(text)
         with pytest.raises(LlmtrtUserError, match=match):
             profiles_from_yaml(path)
