@@ -59,7 +59,6 @@ class ValidateOptions:
     tolerances: str | Path | None = None
     atol: Mapping[str, float] = field(default_factory=dict)
     rtol: Mapping[str, float] = field(default_factory=dict)
-    engine: str | Path | None = None
     layerwise: bool = False
     reference: str | Path | None = None  # layerwise reference export; default: re-export the fp32 model
     out_dir: Path | None = None
@@ -115,6 +114,7 @@ class _Setup:
     source_desc: dict[str, Any]
     plan: Any
     reference: Any
+    engine: Path | None = None
 
 
 def _prepare(artifact_dir: Path, options: ValidateOptions) -> _Setup:
@@ -162,7 +162,9 @@ def _prepare(artifact_dir: Path, options: ValidateOptions) -> _Setup:
 def validate(artifact_dir: str | Path, options: ValidateOptions = ValidateOptions()) -> ValidationReport:
     """Check the artifact itself, then run it (and its engine, where a GPU exists) against the fp32
     PyTorch model; with ``options.out_dir`` write the report and the reproduction files there."""
-    s = _prepare(Path(artifact_dir), options)
+    artifact_dir, engine = _onnx_and_engine(Path(artifact_dir))
+    s = _prepare(artifact_dir, options)
+    s.engine = engine
     findings = check_artifact(s.directory, s.manifest)  # what the artifact is, before running it
     if options.out_dir is None:
         return _run(s, options, findings, None)
@@ -187,8 +189,8 @@ def _run(s: _Setup, options: ValidateOptions, findings, stage: Path | None) -> V
         metadata = ort_runner.get_input_metadata(use_numpy_dtypes=False)
     runners = [ValidationRunner(s.reference, s.plan, metadata), ValidationRunner(ort_runner, s.plan, metadata)]
     runner_info = [{"name": r.name, "description": r.description} for r in runners]
-    if options.engine is not None:
-        engine, reason = _engine_runner(options.engine)
+    if s.engine is not None:
+        engine, reason = _engine_runner(s.engine)
         if engine is not None:
             runners.append(ValidationRunner(engine, s.plan, metadata))
             runner_info.append({"name": engine.name, "description": engine.description})
@@ -221,6 +223,16 @@ def _run(s: _Setup, options: ValidateOptions, findings, stage: Path | None) -> V
         tolerances={"file": s.tol.source, "precision": s.manifest["precision"],
                     "groups": {k: vars(v) for k, v in s.tol.groups.items()},
                     "atol_overrides": dict(options.atol), "rtol_overrides": dict(options.rtol)})
+
+
+def _onnx_and_engine(path: Path) -> tuple[Path, Path | None]:
+    """(the ONNX artifact directory, the engine directory or None) for validate's ARTIFACT."""
+    from llmtrt.pipelines.runtime.artifact_runners import artifact_kind
+    from llmtrt.pipelines.runtime.engine_runner import read_engine_manifest
+
+    if artifact_kind(path) == "engine":
+        return Path(read_engine_manifest(path)[1]["onnx"]).parent, path
+    return path, None
 
 
 def _engine_runner(engine_dir: str | Path):

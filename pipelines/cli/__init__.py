@@ -81,7 +81,7 @@ def main() -> None:
       llmtrt export --model bytes-llama --out out/onnx
       llmtrt quantize out/onnx --to int8-sq --out out/int8-sq
       llmtrt validate out/int8-sq                   (PyTorch vs ONNX Runtime vs TensorRT)
-      llmtrt compare --artifacts out/onnx,out/int8-sq --out out/compare
+      llmtrt compare out/onnx out/int8-sq --out out/compare
       llmtrt build out/int8-sq --out out/engines    (TensorRT / TensorRT-RTX)
       llmtrt generate out/onnx --prompt "The"
 

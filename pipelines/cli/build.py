@@ -43,8 +43,9 @@ def _target_cc(ctx: click.Context, param: click.Parameter, value: str | None) ->
               help="How custom ops reach TensorRT. native: built-in RMSNormalization, RotaryEmbedding, Attention "
                    "(+ TensorScatter KV-cache update for a static cache); inline: their ONNX function bodies "
                    "(primitive ops); plugin: keep the nodes for plugin libraries given with --plugins.")
-@click.option("--plugins", "plugins", multiple=True, type=click.Path(dir_okay=False), metavar="LIB",
-              help="Plugin library (.so) to load; repeat for several. Plugins override built-in importers.")
+@click.option("--plugins", "plugins", callback=lambda _c, _p, v: [p.strip() for p in (v or "").split(",") if p.strip()],
+              default=None, metavar="LIB[,LIB]",
+              help="Plugin libraries (.so) to load, comma-separated. Plugins override built-in importers.")
 @click.option("--target-cc", callback=_target_cc, default=None, metavar="8.6,8.9,...",
               help="TensorRT-RTX: compute capabilities to build for, comma-separated (default: the backend's).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
@@ -73,7 +74,7 @@ def _target_cc(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary.")
 @user_errors
 def build(export_dir: str, out_dir: str, backend: str | None, precision: str | None, lower: str,
-          plugins: tuple[str, ...], target_cc: list[str], opt_level: int, workspace_mb: int | None,
+          plugins: list[str], target_cc: list[str], opt_level: int, workspace_mb: int | None,
           timing_cache: str | None, max_batch: int, max_prompt: int | None, max_kv: int | None,
           profiles_yaml: str | None, strip_weights: bool, separate_profiles: bool, verbose: bool, as_json: bool) -> None:
     """Build a TensorRT engine from EXPORT_DIR (written by `llmtrt export` or `llmtrt quantize`).

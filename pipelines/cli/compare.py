@@ -21,12 +21,10 @@ def _split(value: str | None) -> list[str]:
 
 
 @main.command()
+@click.argument("artifacts", nargs=-1, type=click.Path())
 @click.option("--model", "model_spec", metavar="PRESET|DIR",
               help="Export this model to fp32 ONNX, quantize it to each --precisions and compare them "
                    "(a preset such as bytes-llama, or an HF checkpoint directory).")
-@click.option("--artifacts", metavar="DIR1,DIR2,...",
-              help="Compare already-built artifact directories instead (each with manifest.json; the "
-                   "manifest's precision names the row; one must be fp32).")
 @click.option("--precisions", default="fp32,fp16,int8-sq,int8-wo,int4-awq", show_default=True,
               help="With --model: comma-separated precisions; fp32 is always included as the reference. "
                    "Names: fp32 and those of `llmtrt quantize` (fp16, bf16, int8-sq, int8-wo, int4-awq, int4-rtn).")
@@ -51,10 +49,13 @@ def _split(value: str | None) -> list[str]:
               help="Skip running the fp32 PyTorch model beside the fp32 ONNX (the reference cross-check).")
 @click.option("--json", "as_json", is_flag=True, help="Print only compare.json's content.")
 @user_errors
-def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval_text: str | None,
+def compare(artifacts: tuple[str, ...], model_spec: str | None, precisions: str, eval_text: str | None,
             calib_text: str | None, out_dir: str, thresholds: str | None, max_tokens: int | None, seq_len: int,
             no_bos: bool, no_pytorch_check: bool, as_json: bool) -> None:
     """Accuracy of each precision against fp32 on held-out text; exit 1 when a threshold is exceeded.
+
+    ARTIFACTS are artifact directories (manifest.json; one per precision, one of them fp32, the
+    reference); or give --model instead to export and quantize them here.
 
     \b
     Per precision, over non-overlapping windows of --seq-len tokens:
@@ -75,7 +76,7 @@ def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval
     \b
     Examples:
       llmtrt compare --model bytes-llama --precisions fp32,fp16,int8-wo --out out/compare
-      llmtrt compare --artifacts out/fp32,out/int8-sq --eval-text my_eval.txt --out out/compare --json
+      llmtrt compare out/fp32 out/int8-sq --eval-text my_eval.txt --out out/compare --json
       llmtrt compare --model ./my-llama --precisions fp32,int4-awq,int4-rtn --calib-text calib.txt \\
           --eval-text eval.txt --max-tokens 4096 --out out/cmp
     """
@@ -85,7 +86,7 @@ def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval
 
     if bool(model_spec) == bool(artifacts):
         raise LlmtrtUserError("give exactly one of --model PRESET|DIR (export and quantize here) or "
-                              "--artifacts DIR1,DIR2 (compare built artifacts)")
+                              "ARTIFACT directories (compare built artifacts)")
     if max_tokens is not None and max_tokens < 2:
         raise LlmtrtUserError(f"--max-tokens must be at least 2, got {max_tokens}")
     limits = load_thresholds(thresholds) if thresholds else None  # a bad YAML fails before any work
@@ -97,7 +98,7 @@ def compare(model_spec: str | None, artifacts: str | None, precisions: str, eval
         plan = _plan(model_spec, _split(precisions), calib_text, eval_text, max_tokens, seq_len, add_bos, as_json)
         built = _build(plan, out, say)
     else:
-        built = _collect(_split(artifacts))
+        built = _collect(list(artifacts))
     result = compare_artifacts(built, eval_text=eval_text, max_tokens=max_tokens, thresholds=limits, out_dir=out,
                                seq_len=seq_len, pytorch_reference=not no_pytorch_check, progress=say,
                                add_bos=add_bos)
@@ -122,12 +123,12 @@ def _collect(dirs: list[str]) -> dict[str, str]:
     from llmtrt.pipelines.artifacts import read_manifest
 
     if not dirs:
-        raise LlmtrtUserError("--artifacts: no directories given")
+        raise LlmtrtUserError("no ARTIFACT directories given")
     found: dict[str, str] = {}
     for d in dirs:
         precision = read_manifest(d).get("precision", "fp32")
         if precision in found:
-            raise LlmtrtUserError(f"--artifacts: {found[precision]} and {d} are both {precision}; give one per precision")
+            raise LlmtrtUserError(f"{found[precision]} and {d} are both {precision}; give one artifact per precision")
         found[precision] = d
     return found
 
@@ -208,7 +209,7 @@ def _precision_step(precisions: list[str], calib_text: str | None, quiet: bool =
 
     if importlib.util.find_spec("llmtrt.pipelines.precision.quantize") is None:
         raise LlmtrtUserError(f"--precisions {','.join(precisions)}: the precision step (pipelines/precision.py) "
-                              "is not installed in this tree; compare fp32 only or pass --artifacts")
+                              "is not installed in this tree; compare fp32 only or pass ARTIFACT directories")
     from llmtrt.pipelines.precision import quantize as step
 
     unknown = [p for p in precisions if p not in step.PRECISIONS]

@@ -77,27 +77,47 @@ def run_command(config: str, out_dir: str | None, only: str, force: bool, as_jso
 
 @pipeline.command("matrix")
 @click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"include": [...]} for a CI job matrix instead of a table.')
 @user_errors
-def matrix_command(config: str) -> None:
-    """Print the build matrix (precision x backend x target) as JSON for a CI job matrix.
+def matrix_command(config: str, as_json: bool) -> None:
+    """The build matrix of CONFIG: one job per precision x backend target.
 
     \b
-    GitHub Actions: {"include": [...]} goes straight into `strategy.matrix` via fromJSON
+    GitHub Actions: the --json output goes straight into `strategy.matrix` via fromJSON
     (see docs/ci.md).
+
+    \b
+    Examples:
+      llmtrt pipeline matrix rtx
+      llmtrt pipeline matrix configs/pipelines/rtx.yaml --json
     """
     from llmtrt.pipelines.pipeline.config import load_config
     from llmtrt.pipelines.pipeline.plan import matrix
 
     config = _config_path(config)
-    click.echo(json.dumps({"include": matrix(load_config(config))}, indent=2))
+    jobs = matrix(load_config(config), Path(config))
+    if as_json:
+        click.echo(json.dumps({"include": jobs}, indent=2))
+        return
+    for job in jobs:
+        click.echo(f"{job['precision']:<10} {job['backend']:<13} {job['label']:<28} lower {job['lower']}"
+                   + (f", target cc {job['target_cc']}" if job["target_cc"] else ""))
 
 
 @pipeline.command("plan")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output tree.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stages as JSON.")
 @user_errors
-def plan_command(config: str, out_dir: str | None) -> None:
-    """List the stages CONFIG runs, their output directories and whether each is cached."""
+def plan_command(config: str, out_dir: str | None, as_json: bool) -> None:
+    """List the stages CONFIG runs, their output directories and whether each is cached.
+
+    \b
+    Examples:
+      llmtrt pipeline plan demo --out out/demo
+      llmtrt pipeline plan configs/pipelines/ci-gate.yaml --json
+    """
     from llmtrt.pipelines.pipeline.config import RECORD, load_config
     from llmtrt.pipelines.pipeline.plan import plan
     from llmtrt.pipelines.pipeline.run import stage_key
@@ -105,7 +125,17 @@ def plan_command(config: str, out_dir: str | None) -> None:
     config = _config_path(config)
     cfg = load_config(config)
     out = Path(out_dir or Path("out") / cfg.name)
+    rows = []
     for stage in plan(cfg, out, Path(config)):
         record = stage.out_dir / RECORD
-        cached = record.is_file() and json.loads(record.read_text()).get("key") == stage_key(stage)
-        click.echo(f"{stage.name:<40} {'cached' if cached else 'to run':<7} {stage.out_dir}")
+        try:
+            cached = record.is_file() and json.loads(record.read_text()).get("key") == stage_key(stage)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cached = False  # a damaged record means the stage runs again
+        rows.append({"stage": stage.name, "kind": stage.kind, "status": "cached" if cached else "to run",
+                     "out_dir": str(stage.out_dir)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['stage']:<40} {row['status']:<7} {row['out_dir']}")

@@ -307,11 +307,11 @@ def test_compare_gates_a_degraded_artifact(artifacts, tmp_path):
 def test_cli_exit_codes(artifacts, tmp_path):
     runner = CliRunner()
     good = ",".join(str(artifacts[k]) for k in ("fp32", "fp16"))
-    res = runner.invoke(main, ["compare", "--artifacts", good, "--max-tokens", "512", "--out", str(tmp_path / "ok")])
+    res = runner.invoke(main, ["compare", *good.split(","), "--max-tokens", "512", "--out", str(tmp_path / "ok")])
     assert res.exit_code == 0, res.output
     assert "PASSED" in res.output and "| fp16 |" in res.output
     bad = ",".join(str(artifacts[k]) for k in ("fp32", "fp16", "int8-wo"))
-    res = runner.invoke(main, ["compare", "--artifacts", bad, "--max-tokens", "1024", "--json",
+    res = runner.invoke(main, ["compare", *bad.split(","), "--max-tokens", "1024", "--json",
                                "--no-pytorch-check", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 1, res.output
     payload = json.loads(res.output)
@@ -324,14 +324,14 @@ def test_cli_usage_errors(artifacts, tmp_path):
     out = tmp_path / "out"
     res = runner.invoke(main, ["compare", "--out", str(out)])
     assert res.exit_code == 2 and "exactly one of --model" in res.output
-    res = runner.invoke(main, ["compare", "--artifacts", str(artifacts["fp16"]), "--out", str(out)])
+    res = runner.invoke(main, ["compare", str(artifacts["fp16"]), "--out", str(out)])
     assert res.exit_code == 2 and "no fp32 artifact" in res.output
-    res = runner.invoke(main, ["compare", "--artifacts", f"{artifacts['fp32']},{artifacts['fp32']}",
+    res = runner.invoke(main, ["compare", str(artifacts["fp32"]), str(artifacts["fp32"]),
                                "--out", str(out)])
     assert res.exit_code == 2 and "both fp32" in res.output
     limits = tmp_path / "limits.yaml"
     limits.write_text("precisions:\n  fp16:\n    max_kl: 1\n")
-    res = runner.invoke(main, ["compare", "--artifacts", str(artifacts["fp32"]), "--thresholds", str(limits),
+    res = runner.invoke(main, ["compare", str(artifacts["fp32"]), "--thresholds", str(limits),
                                "--out", str(out)])
     assert res.exit_code == 2 and "limits.yaml:3: precisions.fp16.max_kl: unknown key" in res.output
     res = runner.invoke(main, ["compare", "--model", "bytes-llama", "--precisions", "fp32,int9",
@@ -351,7 +351,7 @@ def test_cli_model_exports_fp32(tmp_path):
 def test_cli_help():
     res = CliRunner().invoke(main, ["compare", "--help"])
     assert res.exit_code == 0
-    for word in ("--artifacts", "--thresholds", "perplexity", "KL", "Exit status", "Examples"):
+    for word in ("ARTIFACTS", "--thresholds", "perplexity", "KL", "Exit status", "Examples"):
         assert word in res.output
 
 

@@ -56,7 +56,7 @@ def test_matrix_rejects_unknown_precision_for_a_target():
 
 
 def test_matrix_cli_prints_github_include():
-    result = CliRunner().invoke(main, ["pipeline", "matrix", str(REPO / "configs/pipelines/rtx.yaml")])
+    result = CliRunner().invoke(main, ["pipeline", "matrix", str(REPO / "configs/pipelines/rtx.yaml"), "--json"])
     assert result.exit_code == 0, result.output
     jobs = json.loads(result.output)["include"]
     assert {(j["precision"], j["backend"]) for j in jobs} == {

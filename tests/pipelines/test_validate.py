@@ -231,16 +231,14 @@ def test_tensorrt_engine_is_skipped_with_reason_without_gpu(exports, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the skip path is for CPU-only machines")
-    with pytest.raises(LlmtrtUserError, match="no engine"):  # a wrong --engine is bad input, GPU or not
-        validate(exports["custom"], ValidateOptions(batch=1, decode_steps=1, prompt_tokens=8,
-                                                    engine=tmp_path / "nowhere"))
     engines = tmp_path / "engines"
     engines.mkdir()
     (engines / "engine.fp32.plan").write_bytes(b"plan")
     (engines / "engine.fp32.json").write_text(json.dumps({
         "kind": "tensorrt-engine", "plan": "engine.fp32.plan", "precision": "fp32", "backend": {"name": "tensorrt"},
         "onnx": str(exports["custom"] / "model.onnx"), "profiles": [], "kv_cache": "dynamic"}))
-    report = validate(exports["custom"], ValidateOptions(batch=1, decode_steps=1, prompt_tokens=8, engine=engines))
+    report = validate(engines, ValidateOptions(batch=1, decode_steps=1, prompt_tokens=8))  # ONNX checked + run
+    assert report.artifact == str(exports["custom"]) and report.passed
     trt = next(r for r in report.runners if r["name"] == "tensorrt")
     assert trt["skipped"] and "GPU" in trt["reason"]
     assert "tensorrt" in report.summary()["skipped"]
