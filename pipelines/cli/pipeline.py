@@ -19,7 +19,7 @@ def pipeline() -> None:
 
     \b
     Examples:
-      llmtrt pipeline run configs/pipelines/demo.yaml --out out/demo
+      llmtrt pipeline run demo --out out/demo
       llmtrt pipeline run configs/pipelines/ci-gate.yaml --only validate,compare --json
       llmtrt pipeline matrix configs/pipelines/rtx.yaml        (CI job matrix as JSON)
     """
@@ -46,10 +46,17 @@ def _config_path(value: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary (report.json).")
 @user_errors
 def run_command(config: str, out_dir: str | None, only: str, force: bool, as_json: bool) -> None:
-    """Run the pipeline CONFIG describes; cached stages are skipped.
+    """Run the pipeline CONFIG describes (a YAML file, or a shipped config's name: demo, ci-gate, rtx,
+    jetson-orin); cached stages are skipped.
 
     Exit code 0 when every gate passes (validation tolerances, accuracy thresholds), 1 when a gate
     fails, 2 for a bad config or input. Results: DIR/reports/report.md and report.json.
+
+    \b
+    Examples:
+      llmtrt pipeline run demo --out out/demo
+      llmtrt pipeline run configs/pipelines/ci-gate.yaml --only validate,compare --json
+      llmtrt pipeline run my-model.yaml --force
     """
     import logging
 

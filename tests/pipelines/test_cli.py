@@ -24,6 +24,12 @@ def test_top_level_help():
         assert name in res.output
 
 
+def leaf_commands():
+    """Every command a user runs: top-level commands without subcommands, and each group's subcommands."""
+    leaves = [(name,) for name in commands() if not getattr(main.commands[name], "commands", None)]
+    return leaves + subcommands()
+
+
 @pytest.mark.parametrize("name", commands())
 def test_every_command_has_help(name):
     res = CliRunner().invoke(main, [name, "--help"])
@@ -31,11 +37,12 @@ def test_every_command_has_help(name):
     assert "Usage:" in res.output and len(res.output.splitlines()) > 5
 
 
-@pytest.mark.parametrize("group, name", subcommands())
-def test_every_subcommand_has_help(group, name):
-    res = CliRunner().invoke(main, [group, name, "--help"])
+@pytest.mark.parametrize("path", leaf_commands(), ids=" ".join)
+def test_every_command_teaches_with_examples_and_has_json(path):
+    res = CliRunner().invoke(main, [*path, "--help"])
     assert res.exit_code == 0, res.output
-    assert "Usage:" in res.output and len(res.output.splitlines()) > 4
+    assert "Examples:" in res.output, f"llmtrt {' '.join(path)} --help has no examples"
+    assert "--json" in res.output, f"llmtrt {' '.join(path)} has no --json"
 
 
 def test_export_json(tmp_path):
