@@ -56,6 +56,39 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int = 
 
 
 # --------------------------------------------------------------------------------------------
+# half types
+# --------------------------------------------------------------------------------------------
+def to_fp16(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """fp32 -> fp16 (round to nearest even), finite values beyond +-65504 clamped (not sent to inf);
+    returns the array and how many values were clamped."""
+    v = np.asarray(x, dtype=np.float32)
+    big = np.isfinite(v) & (np.abs(v) > FP16_MAX)
+    clamped = int(np.count_nonzero(big))
+    if clamped:
+        v = np.where(big, np.sign(v) * np.float32(FP16_MAX), v)
+    return v.astype(np.float16), clamped
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bit patterns (uint16), round to nearest even, NaN kept a quiet NaN; finite values
+    stay finite unless they are within half a bf16 step of fp32's maximum."""
+    v = np.ascontiguousarray(x, dtype=np.float32)
+    bits = v.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(v), np.uint16(0x7FC0), rounded)
+
+
+def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns -> fp32, exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to the nearest bf16 (still stored as fp32)."""
+    return bf16_bits_to_fp32(to_bf16_bits(x))
+
+
+# --------------------------------------------------------------------------------------------
 # weights
 # --------------------------------------------------------------------------------------------
 def int8_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
