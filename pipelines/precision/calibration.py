@@ -181,7 +181,7 @@ class CacheReader:
         self.index = {name: i for i, name in enumerate(raw["linear_inputs"])}
 
     @classmethod
-    def open(cls, out_dir: Path, key: dict[str, Any]) -> CacheReader | None:
+    def open(cls, out_dir: Path, key: dict[str, Any], stages: int) -> CacheReader | None:
         from llmtrt.exporter.files import sha256_file
 
         path, rows_path = out_dir / CACHE_FILE, out_dir / ROWS_FILE
@@ -193,6 +193,8 @@ class CacheReader:
             return None  # a damaged cache is recomputed, not trusted
         if raw.get("schema_version") != CACHE_SCHEMA or any(raw.get(f) != key[f] for f in _KEY_FIELDS):
             return None
+        if not isinstance(raw.get("stages"), int) or raw["stages"] < stages:
+            return None  # written by a run that stopped earlier (a quantized precision skips the lm_head)
         if raw.get("rows_sha256") != sha256_file(rows_path):
             return None
         return cls(raw, np.load(rows_path))
@@ -239,12 +241,12 @@ class CacheWriter:
                 with self.zip.open(member + ".npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
-    def close(self) -> None:
+    def close(self, stages: int) -> None:
         from llmtrt.exporter.files import sha256_file, write_json_atomically
 
         self.zip.close()
         self.tmp.replace(self.out_dir / ROWS_FILE)
-        payload = {"schema_version": CACHE_SCHEMA, **self.key, "rows_file": ROWS_FILE,
+        payload = {"schema_version": CACHE_SCHEMA, **self.key, "stages": stages, "rows_file": ROWS_FILE,
                    "rows_sha256": sha256_file(self.out_dir / ROWS_FILE), "linear_inputs": self.linear_inputs,
                    "tensors": self.tensors}
         write_json_atomically(self.out_dir / CACHE_FILE, payload)
@@ -258,14 +260,12 @@ class Calibration:
 
     def __init__(self, source, windows: np.ndarray, linear_inputs: list[str], out_dir: Path,
                  key: dict[str, Any], rows: int, progress: bool = True) -> None:
-        from llmtrt.pipelines.artifacts import load_graph
-        from llmtrt.pipelines.precision.inventory import infer_types
         from llmtrt.pipelines.precision.layerwise import plan_stages
 
         self.source, self.windows, self.linear_inputs = source, windows, linear_inputs
         self.out_dir, self.key, self.rows, self.progress = out_dir, key, rows, progress
-        self.proto = load_graph(source.onnx_path)
-        self.types = infer_types(self.proto)
+        self.proto = source.proto
+        self.types = source.types
         missing = [t for t in linear_inputs if t not in self.types]
         if missing:
             raise RuntimeError(f"linear-layer inputs not among the graph's tensors: {missing[:5]}")
@@ -274,16 +274,18 @@ class Calibration:
         self.originals = {n: v.const_value for n, v in source.graph.initializers.items()}
         self.stats = CalibrationStats(windows=int(windows.shape[0]), seq_len=int(windows.shape[1]), key=key)
 
-    def stages(self) -> Iterator[Any]:
-        """StageResult per stage, in order (weights read for the run are handed on with it)."""
+    def stages(self, until: int | None = None) -> Iterator[Any]:
+        """StageResult per stage, in order, up to stage ``until`` (default: all); the weights read for
+        the run are handed on with it."""
         from llmtrt.pipelines.precision.layerwise import StageResult
 
         t0 = time.perf_counter()
-        reader = CacheReader.open(self.out_dir, self.key)
+        plan = self.plan if until is None else self.plan[:until + 1]
+        reader = CacheReader.open(self.out_dir, self.key, len(plan))
         if reader is not None:
             self.stats.cache = "reused"
             try:
-                for st in self.plan:
+                for st in plan:
                     result = StageResult(st, reader.stage_stats(st))
                     self.stats.add(result.stats)
                     yield result
@@ -292,14 +294,14 @@ class Calibration:
             self.stats.seconds = time.perf_counter() - t0
             return
         writer = CacheWriter(self.out_dir, self.key, self.linear_inputs)
-        for result in self._run():
+        for result in self._run(plan):
             writer.add(result.stats)
             self.stats.add(result.stats)
             yield result
-        writer.close()
+        writer.close(len(plan))
         self.stats.seconds = time.perf_counter() - t0
 
-    def _run(self):
+    def _run(self, plan):
         from llmtrt.exporter.kv_cache import get_layout
         from llmtrt.pipelines.precision.graph import read_tensor
         from llmtrt.pipelines.precision.layerwise import chunk_size, run_stages
@@ -311,6 +313,8 @@ class Calibration:
                      config.num_attention_heads * self.windows.shape[1])
         per = chunk_size(self.windows.shape[0], self.windows.shape[1], widest)
         chunks = [prefill_feeds(layout, config, self.windows[i:i + per]) for i in range(0, len(self.windows), per)]
-        external = {t.name for t in self.proto.graph.initializer if t.data_location == 1}
-        return run_stages(self.proto, self.plan, self.types, chunks, lambda n: read_tensor(self.originals[n]), external,
+        # weights over 1 KiB are fed as inputs read from the IR, inline or external alike: a stage runs the
+        # same way whichever way the export stores its weights
+        external = {t.name for t in self.proto.graph.initializer if t.data_location == 1 or len(t.raw_data) > 1024}
+        return run_stages(self.proto, plan, self.types, chunks, lambda n: read_tensor(self.originals[n]), external,
                           set(self.linear_inputs), self.rows, progress=self.progress)

@@ -174,6 +174,8 @@ class Source:
     external: bool           # weights in an external-data file
     manifest: dict[str, Any] = field(default_factory=dict)
     exported: Any = None     # the ExportedModel the manifest describes
+    proto: Any = None        # the parsed ModelProto the IR was made from (read-only)
+    types: dict[str, int] = field(default_factory=dict)  # element type of every tensor, by name
 
     @property
     def graph(self):
@@ -181,25 +183,25 @@ class Source:
 
     @classmethod
     def open(cls, directory: Path, onnx_path: Path, manifest: dict[str, Any], exported: Any = None) -> Source:
+        """The export as IR over one parsed ModelProto (inline weights are shared, not copied; external
+        ones stay on disk), with every tensor's inferred element type."""
         import onnx_ir as ir
 
-        try:
-            model = ir.load(str(onnx_path))
-        except Exception as exc:  # a truncated protobuf surfaces as several error types
-            raise LlmtrtUserError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__}); re-run "
-                                  "`llmtrt export`") from None
-        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-        if external:
-            for v in model.graph.initializers.values():
-                t = v.const_value
-                if isinstance(t, ir.ExternalTensor) and not Path(t.path).is_file():
-                    raise LlmtrtUserError(f"{onnx_path}: its weights file {t.location} is missing; re-run "
-                                          "`llmtrt export`")
         from llmtrt.pipelines.artifacts import load_graph
         from llmtrt.pipelines.precision.inventory import infer_types
 
-        annotate_types(model.graph, infer_types(load_graph(onnx_path)))
-        return cls(directory, onnx_path, model, external, manifest, exported)
+        proto = load_graph(onnx_path)
+        model = ir.serde.deserialize_model(proto)
+        ir.external_data.set_base_dir(model.graph, str(onnx_path.parent))
+        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+        for v in model.graph.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor) and not Path(t.path).is_file():
+                raise LlmtrtUserError(f"{onnx_path}: its weights file {t.location} is missing; re-run "
+                                      "`llmtrt export`")
+        types = infer_types(proto)
+        annotate_types(model.graph, types)
+        return cls(directory, onnx_path, model, external, manifest, exported, proto, types)
 
 
 # --------------------------------------------------------------------------------------------

@@ -163,6 +163,13 @@ class Inventory:
             lines.append(f"kept: {module} ({reason})")
         return "\n".join(lines)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Inventory:
+        """The inventory a manifest recorded (``to_dict``'s output)."""
+        return cls(tuple(Linear(**x) for x in d.get("linears", [])), tuple(Attention(**x) for x in d.get("attention", [])),
+                   tuple(Norm(**x) for x in d.get("norms", [])), tuple(d.get("other_matmuls", [])),
+                   dict(d.get("kept", {})))
+
     def to_dict(self) -> dict[str, Any]:
         return {"linears": [asdict(x) for x in self.linears], "shares": self.shares(),
                 "attention": [asdict(x) for x in self.attention], "norms": [asdict(x) for x in self.norms],
@@ -186,20 +193,30 @@ def infer_types(model) -> dict[str, int]:
 
 
 def without_weights(model):
-    """A copy of ``model`` whose initializers over 1 KiB are data-less external references."""
+    """A copy of ``model`` whose initializers over 1 KiB are data-less external references (the
+    weights themselves are never copied)."""
     import onnx
 
     light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for t in light.graph.initializer:
+    light.ir_version, light.producer_name, light.producer_version = (model.ir_version, model.producer_name,
+                                                                       model.producer_version)
+    light.domain, light.model_version, light.doc_string = model.domain, model.model_version, model.doc_string
+    for name in ("opset_import", "metadata_props", "functions"):
+        getattr(light, name).extend(getattr(model, name))
+    g, lg = model.graph, light.graph
+    lg.name = g.name
+    for name in ("node", "input", "output", "value_info", "sparse_initializer", "metadata_props"):
+        getattr(lg, name).extend(getattr(g, name))
+    for t in g.initializer:
+        stub = lg.initializer.add()
         if len(t.raw_data) > 1024 or len(t.float_data) > 256 or len(t.int32_data) > 256:
-            t.ClearField("raw_data")
-            t.ClearField("float_data")
-            t.ClearField("int32_data")
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.EXTERNAL
-            entry = t.external_data.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            entry = stub.external_data.add()
             entry.key, entry.value = "location", "stripped-for-type-inference"
+        else:
+            stub.CopyFrom(t)
     return light
 
 

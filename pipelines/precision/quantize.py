@@ -68,6 +68,7 @@ class PrecisionOptions:
     kv_cache_io: str = "fp32"              # fp16/bf16: "fp32" or "half" past_key_values/present
     awq_grid: int = 20                     # AWQ ratios tried: 0, 1/grid, ..., 1
     awq_clip: bool = True                  # AWQ's per-block clipping search after the scale search
+    awq_rows: int = 128                    # of the sampled rows, how many the AWQ searches use
     quantize_lm_head: str | None = None    # int8 / int4: quantize the lm_head too (default: fp16)
     progress: bool = True
 
@@ -82,7 +83,7 @@ class PrecisionOptions:
             raise LlmtrtUserError(f"--kv-cache-io {self.kv_cache_io!r}: choose fp32 or half")
         if self.awq_grid < 1:
             raise LlmtrtUserError("awq_grid must be positive")
-        if self.calib_rows < 1:
+        if self.calib_rows < 1 or self.awq_rows < 1:
             raise LlmtrtUserError(f"--calib-rows must be at least 1, got {self.calib_rows}")
         if self.quantize_lm_head not in (None, *LM_HEAD_FORMATS):
             raise LlmtrtUserError(f"--quantize-lm-head {self.quantize_lm_head!r}: choose int8 or int4")

@@ -56,12 +56,13 @@ def walk(rw: Rewrite, scheme: Scheme, lins: list[Linear]) -> None:
     for group in groups:
         by_stage.setdefault(max(stage_of.get(lin.node.name, 0) for lin in group), []).append(group)
     rows: dict[str, np.ndarray] = {}
-    for result in rw.calibration.stages():
+    for result in rw.calibration.stages(until=max(by_stage, default=0)):
         rows.update(result.stats.rows)
         rw.stage_weights = result.weights
         for group in by_stage.pop(result.stage.index, []):
-            scheme(rw, group, _Stats(rw.calibration.stats, rows, group[0].x.name))
-            rows.pop(group[0].x.name, None)
+            x = group[0].x.name  # before the scheme puts a Mul or a Q/DQ pair in front of the group
+            scheme(rw, group, _Stats(rw.calibration.stats, rows, x))
+            rows.pop(x, None)
         rw.stage_weights = {}
     if by_stage:
         raise AssertionError(f"groups left without a calibration stage: {sorted(by_stage)}")
@@ -136,22 +137,23 @@ def int4_awq(rw: Rewrite, group: list[Linear], stats) -> None:
     o = rw.options
     weights = [rw.weight(lin) for lin in group]
     bs = block_size_for(rw, weights[0].shape[0], group[0].module)
-    x = stats.rows
+    x = awq.sample_rows(stats.rows, o.awq_rows)
     s, ratio, err, rtn_err = awq.search_scales(x, stats.channel_mean, weights, bs, o.awq_grid)
     smoothing = rw.smooth(group, s) if ratio > 0 else None
-    clip_err = 0.0
+    xs = stats.rows / s[None, :] if ratio > 0 else stats.rows  # the clip search sees every sampled row
+    clip_err = unclipped = 0.0
     for lin, w in zip(group, weights, strict=True):
         ws = w * s[:, None] if ratio > 0 else w
+        amax = None
         if o.awq_clip:
-            amax, e = awq.search_clip(x / s[None, :] if ratio > 0 else x, ws, bs)
-        else:
-            amax, e = None, float("nan")
-        clip_err += e
+            amax, e, e0 = awq.search_clip(xs, ws, bs)
+            clip_err, unclipped = clip_err + e, unclipped + e0
         q, scale = qm.int4_blocked(ws, bs, amax)
         rw.record(lin, {**rw.dequantized_weight(lin, q, scale, 4, bs), "method": "awq"}, smoothing)
     rw.details.setdefault("awq", {})[group[0].module] = {
-        "layers": [lin.module for lin in group], "ratio": ratio, "error": clip_err if o.awq_clip else err,
-        "scale_error": err, "rtn_error": rtn_err, "rows": int(x.shape[0])}
+        "layers": [lin.module for lin in group], "ratio": ratio, "scale_error": err, "rtn_error": rtn_err,
+        "clip_error": clip_err if o.awq_clip else None, "unclipped_error": unclipped if o.awq_clip else None,
+        "rows": int(x.shape[0])}
 
 
 # --------------------------------------------------------------------------------------------
