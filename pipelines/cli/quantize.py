@@ -43,7 +43,7 @@ def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
 @click.option("--calib-samples", type=int, default=16, show_default=True,
               help="Calibration windows, evenly spaced over the text.")
 @click.option("--calib-seq-len", type=int, default=128, show_default=True, help="Tokens per calibration window.")
-@click.option("--calib-rows", type=int, default=512, show_default=True,
+@click.option("--calib-rows", type=int, default=256, show_default=True,
               help="Rows (tokens) of each linear layer's input sampled for the AWQ searches and the "
                    "percentile/entropy observers; the maxima and means use every row.")
 @click.option("--observer", type=click.Choice(["max", "percentile", "entropy"]), default=None,

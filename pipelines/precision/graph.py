@@ -158,11 +158,6 @@ def read_fp32(lin_or_value) -> np.ndarray:
     return read_array(lin_or_value)
 
 
-def stored_bytes(value) -> int:
-    t = value.const_value
-    return int(t.nbytes) if t is not None else 0
-
-
 # --------------------------------------------------------------------------------------------
 # the source export
 # --------------------------------------------------------------------------------------------

@@ -175,34 +175,6 @@ def awq_scales(act_channel_mean: np.ndarray, ratio: float) -> np.ndarray:
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def output_error(gram: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """Per output column, ``sum_rows (x @ delta)^2`` computed from the Gram matrix ``G = x^T x``."""
-    return np.sum((gram @ delta) * delta, axis=0, dtype=np.float64)
-
-
-def awq_clip(gram: np.ndarray, weight: np.ndarray, block_size: int,
-             ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)) -> np.ndarray:
-    """AWQ's clipping search: per block and output column, the shrunk range ``ratio * amax`` whose
-    quantized block minimizes that block's share of the output error, ``sum_rows (x_b @ dW_b)^2``.
-
-    ``gram`` is ``x^T x`` of the layer's input. Returns the chosen block amax [ceil(in/B), out]
-    (ratio 1 everywhere is plain round-to-nearest).
-    """
-    full = block_amax(weight, block_size)
-    best_amax, best_err = full.copy(), np.full(full.shape, np.inf)
-    rows = weight.shape[0]
-    for ratio in ratios:
-        amax = full * np.float32(ratio)
-        dw = fake_int4_blocked(weight, block_size, amax) - weight
-        for b in range(full.shape[0]):
-            lo, hi = b * block_size, min(rows, (b + 1) * block_size)
-            err = output_error(gram[lo:hi, lo:hi], dw[lo:hi])
-            better = err < best_err[b]
-            best_err[b] = np.where(better, err, best_err[b])
-            best_amax[b] = np.where(better, amax[b], best_amax[b])
-    return best_amax.astype(np.float32)
-
-
 # --------------------------------------------------------------------------------------------
 # observers: a 1-D sample of |x| -> amax
 # --------------------------------------------------------------------------------------------

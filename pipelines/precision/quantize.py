@@ -60,7 +60,7 @@ class PrecisionOptions:
     calib_text: str | None = None          # default: configs/text/calib.txt
     calib_samples: int = 16
     calib_seq_len: int = 128
-    calib_rows: int = 512                  # rows of each linear input sampled for AWQ and the observers
+    calib_rows: int = 256                  # rows of each linear input sampled for AWQ and the observers
     observer: str | None = None            # max | percentile | entropy; default per precision
     alpha: float = 0.5                     # SmoothQuant migration strength
     block_size: int = 128                  # int4 block along the input axis
@@ -321,7 +321,9 @@ def _calibration(rw: Rewrite, inputs: _Inputs, out_dir: Path):
     from llmtrt.pipelines.precision.calibration import Calibration, cache_key
     from llmtrt.pipelines.precision.graph import find_linears
 
-    linear_inputs = list(dict.fromkeys(lin.x.name for lin in find_linears(rw.graph)))
+    # fp16 only needs each tensor's range; int8/int4 also the linear inputs' channels and sampled rows
+    linear_inputs = [] if inputs.entry.name in ("fp16", "bf16") else list(dict.fromkeys(
+        lin.x.name for lin in find_linears(rw.graph)))
     source_sha = inputs.raw.get("onnx_sha256")
     if not source_sha:
         from llmtrt.pipelines.artifacts import onnx_sha256

@@ -95,9 +95,31 @@ def block_size_for(rw: Rewrite, rows: int, module: str) -> int:
 # --------------------------------------------------------------------------------------------
 # the schemes
 # --------------------------------------------------------------------------------------------
+_COLUMN_CHUNK = 1 << 22   # weights quantized at a time: the temporaries of quant_math stay ~100 MB
+
+
+def _int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quant_math.int8_per_channel over column chunks (per-column: the result is the same)."""
+    step = max(1, _COLUMN_CHUNK // max(1, w.shape[0]))
+    q = np.empty(w.shape, dtype=np.int8)
+    scale = np.empty(w.shape[1], dtype=np.float32)
+    for c in range(0, w.shape[1], step):
+        q[:, c:c + step], scale[c:c + step] = qm.int8_per_channel(w[:, c:c + step])
+    return q, scale
+
+
+def _int4_columns(w: np.ndarray, block_size: int, amax: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """quant_math.int4_blocked over column chunks (blocks run along the rows: the result is the same)."""
+    step = max(1, _COLUMN_CHUNK // max(1, w.shape[0]))
+    q = np.empty(w.shape, dtype=np.int8)
+    scale = np.empty((qm.num_blocks(w.shape[0], block_size), w.shape[1]), dtype=np.float32)
+    for c in range(0, w.shape[1], step):
+        q[:, c:c + step], scale[:, c:c + step] = qm.int4_blocked(
+            w[:, c:c + step], block_size, None if amax is None else amax[:, c:c + step])
+    return q, scale
 def int8_wo(rw: Rewrite, group: list[Linear], stats) -> None:
     for lin in group:
-        q, scale = qm.int8_per_channel(rw.weight(lin))
+        q, scale = _int8_columns(rw.weight(lin))
         rw.record(lin, rw.dequantized_weight(lin, q, scale, 8, None))
 
 
@@ -105,7 +127,7 @@ def int4_rtn(rw: Rewrite, group: list[Linear], stats) -> None:
     for lin in group:
         w = rw.weight(lin)
         bs = block_size_for(rw, w.shape[0], lin.module)
-        q, scale = qm.int4_blocked(w, bs)
+        q, scale = _int4_columns(w, bs)
         rw.record(lin, {**rw.dequantized_weight(lin, q, scale, 4, bs), "method": "round-to-nearest"})
 
 
@@ -124,7 +146,8 @@ def int8_sq(rw: Rewrite, group: list[Linear], stats) -> None:
     scale = float(qm.symmetric_scale(amax, qm.INT8_MAX))
     activation = rw.activation_qdq(group, scale)
     for lin, w in zip(group, weights, strict=True):
-        q, wscale = qm.int8_per_channel(w * s[:, None])
+        w *= s[:, None]  # in place: this stage's copy of the weight is not read again
+        q, wscale = _int8_columns(w)
         rw.record(lin, rw.dequantized_weight(lin, q, wscale, 8, None), smoothing, activation)
     rw.details.setdefault("activations", {})[x_name] = {
         "amax": amax, "scale": scale, "observer": observer, "smoothing_max": float(s.max()),
@@ -143,12 +166,14 @@ def int4_awq(rw: Rewrite, group: list[Linear], stats) -> None:
     xs = stats.rows / s[None, :] if ratio > 0 else stats.rows  # the clip search sees every sampled row
     clip_err = unclipped = 0.0
     for lin, w in zip(group, weights, strict=True):
-        ws = w * s[:, None] if ratio > 0 else w
+        if ratio > 0:
+            w *= s[:, None]  # in place: this stage's copy of the weight is not read again
+        ws = w
         amax = None
         if o.awq_clip:
             amax, e, e0 = awq.search_clip(xs, ws, bs)
             clip_err, unclipped = clip_err + e, unclipped + e0
-        q, scale = qm.int4_blocked(ws, bs, amax)
+        q, scale = _int4_columns(ws, bs, amax)
         rw.record(lin, {**rw.dequantized_weight(lin, q, scale, 4, bs), "method": "awq"}, smoothing)
     rw.details.setdefault("awq", {})[group[0].module] = {
         "layers": [lin.module for lin in group], "ratio": ratio, "scale_error": err, "rtn_error": rtn_err,

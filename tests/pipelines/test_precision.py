@@ -343,6 +343,14 @@ def test_user_errors(export_dir, artifacts, tmp_path):
         quantize(tmp_path, tmp_path / "x", "fp16")
     with pytest.raises(LlmtrtUserError, match="--calib-samples"):
         quantize(export_dir, tmp_path / "x", "int8-sq", PrecisionOptions(calib_samples=0, progress=False))
+    with pytest.raises(LlmtrtUserError, match="--quantize-lm-head 'int2'"):
+        quantize(export_dir, tmp_path / "x", "int4-rtn", PrecisionOptions(quantize_lm_head="int2", progress=False))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text((export_dir / "manifest.json").read_text())
+    (tmp_path / "broken" / "model.onnx").write_bytes((export_dir / "model.onnx").read_bytes()[:5000])
+    with pytest.raises(LlmtrtUserError, match="not a readable ONNX model"):
+        quantize(tmp_path / "broken", tmp_path / "x", "int8-wo", QUIET)
+    assert not (tmp_path / "x").exists()
 
 
 def test_keep_fp32_module_name(export_dir, tmp_path):
@@ -363,6 +371,7 @@ def test_cli_help_json_and_exit_codes(export_dir, tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["quantize", "--help"])
     assert res.exit_code == 0 and "int4-awq" in res.output and "--calib-text" in res.output
+    assert "--quantize-lm-head" in res.output and "--calib-rows" in res.output
     res = runner.invoke(main, ["quantize", str(export_dir), "--to", "int8-wo", "--out", str(tmp_path / "wo"), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
@@ -423,3 +432,21 @@ def test_progress_bar_plain_lines_without_a_tty():
     bar.update(1)
     bar.update(2)
     assert tty.getvalue().startswith("\rcalibrating [") and tty.getvalue().endswith("\n") and "2/2" in tty.getvalue()
+
+
+def test_calibration_windows_with_and_without_bos(tmp_path):
+    from llmtrt.pipelines.precision.calibration import calibration_windows
+    from llmtrt.pipelines.runtime.tokenizer import ByteTokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_bytes(bytes(range(65, 91)) * 4)  # 104 bytes
+    plain = calibration_windows(text, ByteTokenizer(), samples=3, seq_len=8)
+    assert plain.shape == (3, 8) and plain[0].tolist() == list(range(65, 73))
+    with_bos = calibration_windows(text, ByteTokenizer(), samples=3, seq_len=8, bos_id=1)
+    assert with_bos.shape == (3, 8) and (with_bos[:, 0] == 1).all()
+    assert with_bos[0, 1:].tolist() == list(range(65, 72))  # BOS, then seq_len - 1 text tokens
+    short = tmp_path / "s.txt"
+    short.write_bytes(b"abcdefg")  # 7 tokens: one BOS window of 8 fits, a plain one does not
+    assert calibration_windows(short, ByteTokenizer(), samples=1, seq_len=8, bos_id=1).shape == (1, 8)
+    with pytest.raises(LlmtrtUserError, match="too short"):
+        calibration_windows(short, ByteTokenizer(), samples=1, seq_len=8)
