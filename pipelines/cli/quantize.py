@@ -57,7 +57,8 @@ def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
               help="Kept in fp32: categories norm (the RMSNorm sum of squares, inside the op), softmax (the "
                    "attention softmax, inside the op) -- the default --, logits (the lm_head MatMul), and/or "
                    "module names (model.layers.0.mlp.down_proj) or node names (/lm_head/MatMul); `none` for "
-                   "nothing. Repeatable. Named linears are recorded as kept and left out of the precision check.")
+                   "nothing. Repeatable; giving any replaces the default. Named linears are recorded as kept "
+                   "and left out of the precision check.")
 @click.option("--quantize-lm-head", type=click.Choice(["int8", "int4"]), default=None,
               help="int8/int4 precisions: quantize the lm_head too (weight-only, round-to-nearest). Default: "
                    "the lm_head stays fp16, as AutoAWQ and ModelOpt keep it; the logits output stays fp32.")

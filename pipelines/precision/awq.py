@@ -1,20 +1,19 @@
-"""AWQ's two searches, on sampled calibration rows with ``X @ W`` products (torch, CPU threads).
+"""AWQ's two searches on sampled calibration rows (torch, one CPU thread).
 
-    s, ratio, err, rtn_err = search_scales(x, channel_mean, [w_q, w_k, w_v], block_size=128, grid=20)
-    amax = search_clip(x / s, w * s[:, None], block_size=128)
+    s, ratio, err, rtn_err = search_scales(x128, channel_mean, [w_q, w_k, w_v], block_size=128, grid=20)
+    amax, err, unclipped = search_clip(x256 / s, w * s[:, None], block_size=128)
 
 Scale search: for r in 0, 1/grid, ..., 1 the per-input-channel scale ``s = mean|x|^r`` (normalized)
 is tried on every layer of the group, and the one with the smallest output error
-``sum ||x @ W - (x / s) @ Q(diag(s) W)||^2`` over the sampled rows wins (r = 0 is round-to-nearest).
+``||x @ W - (x / s) @ Q(diag(s) W)||^2`` wins (r = 0 is round-to-nearest). ``X @ W`` products on n
+sampled rows and up to SCALE_COLUMNS evenly spaced output columns per layer: per grid point a
+fake quantization of ``in x 512`` weights and an ``n x in x 512`` GEMM, where the former Gram form
+(``dW^T X^T X dW``) cost ``in^2 x out``: 32x more at n = 128, in = 4096, before the column sample.
 Clip search: per int4 block and output column, the shrunk range ``ratio * max|w|`` whose quantized
-block minimizes that block's share of the output error ``||x_b @ (Q(W_b) - W_b)||^2``.
-
-Cost per layer of ``in x out`` with ``n`` sampled rows: the scale search runs ``grid + 1`` fake
-quantizations (``in * out`` each) and as many ``n x in x out`` GEMMs (plus one for the reference);
-the clip search ``len(CLIP_RATIOS)`` of each, its GEMMs batched per block. Work goes in column
-chunks (about CHUNK_ELEMENTS weights at a time), so the temporaries stay a few MB whatever the layer.
-The Gram form (``(Q(W) - W)^T X^T X (Q(W) - W)``) costs ``in^2 * out`` per grid point instead of
-``n * in * out``: with n = 128 rows and in = 4096 that is 32x more.
+block minimizes that block's share of the output error, ``||x_b dW_b||^2 = dW_b^T G_b dW_b`` with
+the block's B x B Gram matrix (every sampled row counts, at the cost of B rows); coarse ratios
+1, 0.85, 0.7, 0.55 then the best +-0.05: 6 fake quantizations of the layer and 6 ``B x in x out``
+products. Work goes in column chunks of about CHUNK_ELEMENTS weights, so temporaries stay small.
 """
 
 from __future__ import annotations

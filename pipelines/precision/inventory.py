@@ -150,7 +150,8 @@ class Inventory:
                          f"of weight bytes  ({count} linears)")
         for x in self.linears:
             if x.role == "lm_head":
-                lines.append(f"lm_head {x.module}: {x.precision} (weight {x.weight['storage']} {x.weight['scheme']}, "
+                name = "lm_head" if x.module == "lm_head" else f"lm_head ({x.module})"
+                lines.append(f"{name}: {x.precision} (weight {x.weight['storage']} {x.weight['scheme']}, "
                              f"output {x.output})")
         for what, rows, attr in (("attention softmax", self.attention, "softmax"), ("norm reduction", self.norms,
                                                                                      "reduction")):

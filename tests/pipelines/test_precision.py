@@ -450,3 +450,42 @@ def test_calibration_windows_with_and_without_bos(tmp_path):
     assert calibration_windows(short, ByteTokenizer(), samples=1, seq_len=8, bos_id=1).shape == (1, 8)
     with pytest.raises(LlmtrtUserError, match="too short"):
         calibration_windows(short, ByteTokenizer(), samples=1, seq_len=8)
+
+
+REAL = Path("/work/shared/real-models")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL / "stories260k" / "model.safetensors").is_file(),
+                    reason="needs the stories260k checkpoint in /work/shared/real-models")
+def test_awq_beats_round_to_nearest_on_a_real_checkpoint(tmp_path):
+    """stories260k (a real pretrained GQA model) on TinyStories text: AWQ's scales and clipping beat RTN."""
+    import onnxruntime as ort
+
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.pipelines.artifacts import export_artifact
+    from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
+
+    src = tmp_path / "fp32"
+    export_artifact(resolve_model(str(REAL / "stories260k")), src)
+    options = PrecisionOptions(progress=False, calib_text=str(REAL / "tinystories-calib.txt"))
+    tokens = load_tokenizer(src).encode((REAL / "tinystories-eval.txt").read_text(encoding="utf-8"))
+    ids = np.asarray(tokens[: 32 * 256], dtype=np.int64).reshape(32, 256)
+
+    def nll(directory: Path) -> float:
+        session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(256), ids.shape).copy(),
+                 "attention_mask": np.ones_like(ids)}
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values."):
+                feeds[i.name] = np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), dtype=np.float32)
+        logits = session.run(["logits"], feeds)[0].astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        return float(-np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1).mean())
+
+    ref = nll(src)
+    awq = nll(quantize(src, tmp_path / "awq", "int4-awq", options))
+    rtn = nll(quantize(src, tmp_path / "rtn", "int4-rtn", options))
+    print(f"stories260k perplexity: fp32 {np.exp(ref):.4f}, int4-awq {np.exp(awq):.4f}, int4-rtn {np.exp(rtn):.4f}")
+    assert awq < rtn
