@@ -80,6 +80,13 @@ def external_data_files(model: Any) -> list[str]:
     return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
 
 
+def precision_inventory(onnx_path: str | Path) -> dict[str, Any]:
+    """What the written graph computes in (llmtrt.pipelines.precision.inventory), as manifest JSON."""
+    from llmtrt.pipelines.precision.inventory import inventory
+
+    return inventory(load_graph(onnx_path)).to_dict()
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _LIBRARIES:
@@ -176,6 +183,8 @@ def write_export_manifest(exported: ExportedModel, source: ModelSource | dict[st
         **runtime,
         **(extra or {}),
     }
+    if "precision_inventory" not in payload:
+        payload["precision_inventory"] = precision_inventory(exported.onnx_path)
     path = exported.onnx_path.parent / MANIFEST
     write_json_atomically(path, payload)
     return path

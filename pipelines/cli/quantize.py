@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import click
@@ -14,6 +15,7 @@ __all__ = ["quantize"]
 # Names only, so `--help` needs no numpy/onnx; checked against llmtrt.pipelines.precision.quantize.PRECISIONS by a test.
 PRECISION_NAMES = ("fp16", "bf16", "int8-sq", "int8-wo", "int4-awq", "int4-rtn")
 KEEP_CATEGORIES = ("norm", "softmax", "logits")
+EXIT_CONTRADICTION = 1
 
 
 def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -26,11 +28,11 @@ def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
 @main.command()
 @click.argument("export_dir", type=click.Path(file_okay=False))
 @click.option("--to", "precision", required=True, type=click.Choice(PRECISION_NAMES),
-              help="fp16 / bf16: half weights and activations (fp32 kept where --keep-fp32 says and where "
-                   "calibration sees fp16 overflow); int8-sq: SmoothQuant W8A8 (int8 weights per channel, "
-                   "static int8 activations, Q/DQ nodes); int8-wo: int8 weights only; int4-awq: int4 weights "
-                   "in blocks with AWQ scales searched on the calibration text; int4-rtn: int4 by plain "
-                   "rounding (the baseline AWQ must beat).")
+              help="fp16 / bf16: every linear layer in half (fp32 inside RMSNorm and softmax, for --keep-fp32 "
+                   "names and where calibration sees fp16 overflow); int8-sq: SmoothQuant W8A8 (int8 weights per "
+                   "channel, static int8 activations, Q/DQ nodes); int8-wo: int8 weights only; int4-awq: int4 "
+                   "weights in blocks with AWQ scales searched on the calibration text; int4-rtn: int4 by plain "
+                   "rounding (the baseline AWQ must beat). int8/int4 keep the lm_head fp16.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory: model.onnx, manifest.json and, for calibrated precisions, "
                    "calibration_cache.json (+ calibration_rows.npz), reused when nothing changed.")
@@ -41,6 +43,9 @@ def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
 @click.option("--calib-samples", type=int, default=16, show_default=True,
               help="Calibration windows, evenly spaced over the text.")
 @click.option("--calib-seq-len", type=int, default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--calib-rows", type=int, default=256, show_default=True,
+              help="Rows (tokens) of each linear layer's input sampled for the AWQ searches and the "
+                   "percentile/entropy observers; the maxima and means use every row.")
 @click.option("--observer", type=click.Choice(["max", "percentile", "entropy"]), default=None,
               help="How int8-sq turns activation samples into a range: max (default; exact after smoothing), "
                    "percentile (99.99th) or entropy (TensorRT's KL-divergence calibration).")
@@ -49,23 +54,32 @@ def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
 @click.option("--block-size", type=int, default=128, show_default=True,
               help="int4: input rows per scale block (DequantizeLinear-21 block_size).")
 @click.option("--keep-fp32", "keep_fp32", multiple=True, callback=_keep_fp32, metavar="WHAT[,WHAT]",
-              help="Kept in fp32: categories norm, softmax, logits (default: all three) and/or module names "
-                   "(model.layers.0.mlp.down_proj) or node names (/lm_head/MatMul); `none` for nothing. "
-                   "Repeatable.")
+              help="Kept in fp32: categories norm (the RMSNorm sum of squares, inside the op), softmax (the "
+                   "attention softmax, inside the op) -- the default --, logits (the lm_head MatMul), and/or "
+                   "module names (model.layers.0.mlp.down_proj) or node names (/lm_head/MatMul); `none` for "
+                   "nothing. Repeatable; giving any replaces the default. Named linears are recorded as kept "
+                   "and left out of the precision check.")
+@click.option("--quantize-lm-head", type=click.Choice(["int8", "int4"]), default=None,
+              help="int8/int4 precisions: quantize the lm_head too (weight-only, round-to-nearest). Default: "
+                   "the lm_head stays fp16, as AutoAWQ and ModelOpt keep it; the logits output stays fp32.")
 @click.option("--kv-cache-io", type=click.Choice(["fp32", "half"]), default="fp32", show_default=True,
               help="fp16 / bf16: type of past_key_values.* / present.* (logits always stay fp32).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary.")
 @user_errors
 def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | None, calib_samples: int,
-             calib_seq_len: int, observer: str | None, alpha: float, block_size: int,
-             keep_fp32: tuple[str, ...] | None, kv_cache_io: str, as_json: bool) -> None:
+             calib_seq_len: int, calib_rows: int, observer: str | None, alpha: float, block_size: int,
+             keep_fp32: tuple[str, ...] | None, quantize_lm_head: str | None, kv_cache_io: str,
+             as_json: bool) -> None:
     """Rewrite the fp32 export in EXPORT_DIR to another precision, explicitly in the ONNX graph.
 
     TensorRT 11 and TensorRT-RTX build what the graph says (no fp16/int8 builder flags, no INT8
     calibrator), so this is the step that makes an fp16, int8 or int4 engine possible. The result
     runs in ONNX Runtime as it is and is built with `llmtrt build OUT --precision ...`.
     OUT/manifest.json records the precision, the source ONNX's sha256, the options, a calibration
-    summary and every tensor or node kept in fp32 with the reason.
+    summary, every tensor or node kept in fp32 with the reason, the weight map (where each linear's
+    weight came from and how) and the precision inventory of the written graph. An artifact whose
+    inventory contradicts --to (e.g. an fp16 graph with under 90% of linear FLOPs in fp16) is
+    refused: exit 1, nothing written.
 
     \b
     Examples:
@@ -76,23 +90,31 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
       llmtrt build out/int4-awq --out out/engines/int4 --precision int4
     """
     from llmtrt.pipelines.artifacts import read_manifest
-    from llmtrt.pipelines.precision.quantize import PrecisionOptions
+    from llmtrt.pipelines.precision.inventory import Inventory
+    from llmtrt.pipelines.precision.quantize import PrecisionContradiction, PrecisionOptions
     from llmtrt.pipelines.precision.quantize import quantize as run
 
     kwargs = {} if keep_fp32 is None else {"keep_fp32": keep_fp32}
     options = PrecisionOptions(calib_text=calib_text, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
-                               observer=observer, alpha=alpha, block_size=block_size, kv_cache_io=kv_cache_io,
-                               progress=not as_json, **kwargs)
+                               calib_rows=calib_rows, observer=observer, alpha=alpha, block_size=block_size,
+                               kv_cache_io=kv_cache_io, quantize_lm_head=quantize_lm_head, progress=not as_json,
+                               **kwargs)
     if not as_json:
         click.echo(f"quantizing {export_dir} to {precision}", err=True)
     t0 = time.perf_counter()
-    out = run(export_dir, out_dir, precision, options)
+    try:
+        out = run(export_dir, out_dir, precision, options)
+    except PrecisionContradiction as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONTRADICTION)
     manifest = read_manifest(out)
+    inventory = Inventory.from_dict(manifest["precision_inventory"])
     summary = {"onnx": str(out / manifest["onnx"]), "manifest": str(out / "manifest.json"),
                "precision": precision, "engine_precision": manifest["engine_precision"],
                "opset": manifest["opset"], "onnx_sha256": manifest["onnx_sha256"],
                "source_onnx_sha256": manifest["source_onnx_sha256"], "calibration": manifest["calibration"],
-               "fp32_kept": manifest["fp32_kept"], "seconds": round(time.perf_counter() - t0, 3)}
+               "fp32_kept": manifest["fp32_kept"], "inventory": inventory.shares(),
+               "seconds": round(time.perf_counter() - t0, 3)}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -102,6 +124,7 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
                    f"({cal['cache']}, observer {cal['observer']})")
     for kept in manifest["fp32_kept"]:
         click.echo(f"fp32 kept: {kept['name']} ({kept['reason']})")
+    click.echo(inventory.summary())
     click.echo(f"wrote {summary['onnx']} ({precision}, opset {manifest['opset']}) in {summary['seconds']:.1f} s; "
                f"build it with --precision {manifest['engine_precision']}")
 

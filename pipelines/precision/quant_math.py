@@ -56,6 +56,39 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int = 
 
 
 # --------------------------------------------------------------------------------------------
+# half types
+# --------------------------------------------------------------------------------------------
+def to_fp16(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """fp32 -> fp16 (round to nearest even), finite values beyond +-65504 clamped (not sent to inf);
+    returns the array and how many values were clamped."""
+    v = np.asarray(x, dtype=np.float32)
+    big = np.isfinite(v) & (np.abs(v) > FP16_MAX)
+    clamped = int(np.count_nonzero(big))
+    if clamped:
+        v = np.where(big, np.sign(v) * np.float32(FP16_MAX), v)
+    return v.astype(np.float16), clamped
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bit patterns (uint16), round to nearest even, NaN kept a quiet NaN; finite values
+    stay finite unless they are within half a bf16 step of fp32's maximum."""
+    v = np.ascontiguousarray(x, dtype=np.float32)
+    bits = v.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(v), np.uint16(0x7FC0), rounded)
+
+
+def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns -> fp32, exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to the nearest bf16 (still stored as fp32)."""
+    return bf16_bits_to_fp32(to_bf16_bits(x))
+
+
+# --------------------------------------------------------------------------------------------
 # weights
 # --------------------------------------------------------------------------------------------
 def int8_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,34 +173,6 @@ def awq_scales(act_channel_mean: np.ndarray, ratio: float) -> np.ndarray:
     s = np.maximum(np.asarray(act_channel_mean, dtype=np.float64), 1e-8) ** ratio
     s = s / np.sqrt(s.max() * s.min())
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
-
-
-def output_error(gram: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """Per output column, ``sum_rows (x @ delta)^2`` computed from the Gram matrix ``G = x^T x``."""
-    return np.sum((gram @ delta) * delta, axis=0, dtype=np.float64)
-
-
-def awq_clip(gram: np.ndarray, weight: np.ndarray, block_size: int,
-             ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)) -> np.ndarray:
-    """AWQ's clipping search: per block and output column, the shrunk range ``ratio * amax`` whose
-    quantized block minimizes that block's share of the output error, ``sum_rows (x_b @ dW_b)^2``.
-
-    ``gram`` is ``x^T x`` of the layer's input. Returns the chosen block amax [ceil(in/B), out]
-    (ratio 1 everywhere is plain round-to-nearest).
-    """
-    full = block_amax(weight, block_size)
-    best_amax, best_err = full.copy(), np.full(full.shape, np.inf)
-    rows = weight.shape[0]
-    for ratio in ratios:
-        amax = full * np.float32(ratio)
-        dw = fake_int4_blocked(weight, block_size, amax) - weight
-        for b in range(full.shape[0]):
-            lo, hi = b * block_size, min(rows, (b + 1) * block_size)
-            err = output_error(gram[lo:hi, lo:hi], dw[lo:hi])
-            better = err < best_err[b]
-            best_err[b] = np.where(better, err, best_err[b])
-            best_amax[b] = np.where(better, amax[b], best_amax[b])
-    return best_amax.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------

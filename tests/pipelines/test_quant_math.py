@@ -76,22 +76,34 @@ def test_smoothquant_and_awq_scales():
     assert qm.awq_scales(np.array([4.0, 1.0]), 0.0).tolist() == pytest.approx([1.0, 1.0])
 
 
-def test_output_error_matches_rows():
-    rng = np.random.default_rng(0)
-    x, d = rng.normal(size=(50, 6)), rng.normal(size=(6, 3))
-    assert qm.output_error(x.T @ x, d) == pytest.approx(np.sum((x @ d) ** 2, axis=0))
+def test_awq_fake_quant_matches_quant_math():
+    torch = pytest.importorskip("torch")
+    from llmtrt.pipelines.precision import awq
+
+    w = np.random.default_rng(3).normal(size=(64, 5)).astype(np.float32)
+    w[0, 0] = 0.0
+    np.testing.assert_array_equal(awq.fake_int4(torch.from_numpy(w), 32).numpy(), qm.fake_int4_blocked(w, 32))
 
 
-def test_awq_clip_never_worse_than_round_to_nearest():
+def test_awq_searches_never_worse_than_round_to_nearest():
+    from llmtrt.pipelines.precision import awq
+
     rng = np.random.default_rng(1)
     w = rng.standard_t(3, size=(64, 8)).astype(np.float32)   # heavy tails: clipping pays
-    x = rng.normal(size=(200, 64))
-    gram = x.T @ x
-    amax = qm.awq_clip(gram, w, 32)
-    clipped = qm.output_error(gram, qm.fake_int4_blocked(w, 32, amax) - w).sum()
-    plain = qm.output_error(gram, qm.fake_int4_blocked(w, 32) - w).sum()
-    assert clipped <= plain and np.all(amax <= qm.block_amax(w, 32) + 1e-7)
+    x = (rng.normal(size=(200, 64)) * np.exp(rng.normal(size=64))).astype(np.float32)  # uneven channels
+    amax, clipped, plain = awq.search_clip(x, w, 32)
+    assert np.all(amax <= qm.block_amax(w, 32) + 1e-7)
+
+    def block_errors(d):  # each block's own share of the output error, sum_b ||x_b @ d_b||^2
+        return sum(float(np.sum((x[:, b:b + 32] @ d[b:b + 32]) ** 2)) for b in (0, 32))
+
+    assert clipped == pytest.approx(block_errors(qm.fake_int4_blocked(w, 32, amax) - w), rel=1e-4)
+    assert plain == pytest.approx(block_errors(qm.fake_int4_blocked(w, 32) - w), rel=1e-4)
     assert clipped < plain  # heavy-tailed weights: some block prefers a shrunk range
+    s, ratio, err, rtn = awq.search_scales(x, np.abs(x).mean(axis=0), [w], 32, grid=10)
+    assert err <= rtn and (ratio == 0) == np.all(s == 1)
+    rtn_direct = float(np.sum((x @ (qm.fake_int4_blocked(w, 32) - w)) ** 2))
+    assert rtn == pytest.approx(rtn_direct, rel=1e-4)
 
 
 def test_observers():
