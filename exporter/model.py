@@ -134,25 +134,24 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         self.fused = True
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q [batch, heads, seq, d], k and v [batch, kv_heads, seq, d]."""
+    def rotated_qkv(self, x: Tensor, position_ids: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [batch, heads, seq, d] and k [batch, kv_heads, seq, d] with rotary applied, and v."""
         batch, seq, _ = x.shape
-        if self.fused:  # one MatMul, then the heads split apart: [batch, heads + 2 kv_heads, seq, d]
+        if self.fused:  # one MatMul; the q and k heads rotated in one call (RoPE acts on each head alike)
             qkv = self.qkv_proj(x).view(batch, seq, self.num_heads + 2 * self.kv_num_heads, self.head_dim)
-            q, k, v = qkv.transpose(1, 2).split([self.num_heads, self.kv_num_heads, self.kv_num_heads], dim=1)
+            qk, v = qkv.transpose(1, 2).split([self.num_heads + self.kv_num_heads, self.kv_num_heads], dim=1)
+            q, k = ops.rotary_embedding(qk, position_ids, cos, sin).split([self.num_heads, self.kv_num_heads], dim=1)
             return q, k, v
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+        return ops.rotary_embedding(q, position_ids, cos, sin), ops.rotary_embedding(k, position_ids, cos, sin), v
 
     def forward(self, x: Tensor, position_ids: Tensor, mask: Tensor, cos: Tensor, sin: Tensor,
                 past_key: Tensor, past_value: Tensor, write_indices: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
         batch, seq, _ = x.shape
-        q, k, v = self.project(x)
-        q = ops.rotary_embedding(q, position_ids, cos, sin)
-        k = ops.rotary_embedding(k, position_ids, cos, sin)
+        q, k, v = self.rotated_qkv(x, position_ids, cos, sin)
         if write_indices is None:  # growing cache: present = concat(past, new)
             y, present_key, present_value = ops.gqa_attention(
                 q, k, v, mask, past_key, past_value, self.num_heads, self.kv_num_heads, self.scale)
