@@ -1,46 +1,198 @@
-"""Decode timing: prefill latency and greedy tokens/s of our graphs (through llmtrt's ONNX Runtime runner)
-and of transformers' eager PyTorch, on the same checkpoint and prompt."""
+"""Decode timing: prefill latency and greedy tokens/s of our graphs (through llmtrt's ONNX Runtime runner),
+of the onnxruntime-genai builder's graphs (in its own runtime) and of transformers' eager PyTorch.
+
+    rows = side_by_side({"standard": OrtDecoder(path, config), "builder fp32": GenaiDecoder(model_dir)},
+                        prompt_len=128, new_tokens=128, rounds=5)
+    report = issue15_comparison(work, checkpoint, rounds=5)      # python -m benchmarks.decode --work DIR
+
+A shared, noisy machine moves every figure between runs, so the graphs being compared are measured in
+turn, A B C A B C ... (each round starts one further along, so no graph always follows the same one; each
+pass on a freshly loaded graph), and a ratio is taken round by round: the median of per-round ratios of
+decode tokens/s stays meaningful while the machine's speed drifts. Each pass is batch 1: a prompt
+(prefill latency), then greedy decode (tokens/s of the decode loop only); also the process CPU seconds per
+decoded token (the builder's runtime spins its threads, ours lets them sleep, so CPU time is a figure per
+runtime, not a ratio). ``builder ... @ort`` rows run the builder's graph in plain ONNX Runtime with our
+session settings: the graphs compared under the same runtime conditions.
+"""
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import THREADS, median_time, prompt_ids
+import numpy as np
+
+from benchmarks.common import REPO, THREADS, bench_python, median_time, prompt_ids
+
+
+@dataclass
+class Pass:
+    """One prefill + greedy decode."""
+
+    prefill_s: float
+    decode_s: float
+    decode_cpu_s: float
+    tokens: list[int]
+    prefill_logits: np.ndarray  # the prompt's last position
+
+
+class OrtDecoder:
+    """An ONNX graph of ours in llmtrt's ONNX Runtime runner (what validate and generate run)."""
+
+    def __init__(self, onnx_path: Path, config, layout: str = "dynamic", threads: int = THREADS) -> None:
+        from llmtrt.pipelines.runtime.runners import OnnxRuntimeRunner
+
+        self.config = config
+        self.runner = OnnxRuntimeRunner(onnx_path, config, layout, threads=threads)
+
+    def __enter__(self) -> OrtDecoder:
+        self.runner.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.deactivate()
+
+    def run(self, prompt_len: int, new_tokens: int) -> Pass:
+        prompt = prompt_ids(self.config.vocab_size, prompt_len)
+        state = self.runner.new_cache(1, prompt_len + new_tokens)
+        t0 = time.perf_counter()
+        logits = self.runner.step(prompt, np.arange(prompt_len, dtype=np.int64)[None], np.ones_like(prompt), state)
+        prefill_s = time.perf_counter() - t0
+        first = logits[0, -1].copy()
+        one, tokens = np.ones((1, 1), dtype=np.int64), []
+        t0, c0 = time.perf_counter(), time.process_time()
+        for k in range(new_tokens):
+            token = logits[:, -1:].argmax(-1).astype(np.int64)
+            tokens.append(int(token[0, 0]))
+            logits = self.runner.step(token, np.array([[prompt_len + k]], dtype=np.int64), one, state)
+        return Pass(prefill_s, time.perf_counter() - t0, time.process_time() - c0, tokens, first)
+
+
+class GenaiDecoder:
+    """A builder graph in the onnxruntime-genai runtime (``benchmarks.genai_decode --serve`` in .venv-bench):
+    its graph as its users run it, KV buffers shared between past and present."""
+
+    def __init__(self, model_dir: Path, threads: int = THREADS) -> None:
+        self.model_dir, self.threads, self.proc = Path(model_dir), threads, None
+
+    def __enter__(self) -> GenaiDecoder:
+        self.proc = subprocess.Popen([str(bench_python()), "-m", "benchmarks.genai_decode", str(self.model_dir),
+                                      "--serve", "--threads", str(self.threads)], cwd=str(REPO), text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._read()  # {"ready": true}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmarks.genai_decode --serve {self.model_dir} exited: "
+                               f"{self.proc.stderr.read()[-500:]}")
+        return json.loads(line)
+
+    def run(self, prompt_len: int, new_tokens: int) -> Pass:
+        self.proc.stdin.write(f"{prompt_len} {new_tokens}\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        return Pass(out["prefill_s"], out["decode_s"], out["decode_cpu_s"], out["tokens"],
+                    np.asarray(out["prefill_logits_last"], dtype=np.float32))
+
+
+class BuilderInOrt:
+    """A builder graph in plain ONNX Runtime with our runner's session settings (2 threads that sleep
+    instead of spinning) and a growing cache fed like ours: the same runtime conditions as our graphs, so
+    the kernels are compared, not the runtimes. Timing only: the builder's graph expects its runtime's
+    shared KV buffers, and fed this way its greedy tokens drift from PyTorch after the first one."""
+
+    def __init__(self, model_dir: Path, config, threads: int = THREADS) -> None:
+        self.path, self.config, self.threads, self.session = Path(model_dir) / "model.onnx", config, threads, None
+
+    def __enter__(self) -> BuilderInOrt:
+        from llmtrt.pipelines.runtime.runners import ort_session
+
+        self.session = ort_session(self.path, threads=self.threads)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.session = None
+
+    def _step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, past[0].shape[2] + ids.shape[1]), dtype=np.int64)}
+        for i in range(self.config.num_hidden_layers):
+            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+        outs = self.session.run(self.outputs, feeds)
+        return outs[0], outs[1:]
+
+    def run(self, prompt_len: int, new_tokens: int) -> Pass:
+        c = self.config
+        past = [np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32) for _ in range(2 * c.num_hidden_layers)]
+        t0 = time.perf_counter()
+        logits, past = self._step(prompt_ids(c.vocab_size, prompt_len), past)
+        prefill_s, first, tokens = time.perf_counter() - t0, logits[0, -1].copy(), []
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(new_tokens):
+            tokens.append(int(logits[0, -1].argmax()))
+            logits, past = self._step(np.array([[tokens[-1]]], dtype=np.int64), past)
+        return Pass(prefill_s, time.perf_counter() - t0, time.process_time() - c0, tokens, first)
+
+
+def side_by_side(decoders: dict, prompt_len: int = 128, new_tokens: int = 128, rounds: int = 5) -> dict[str, dict]:
+    """Every decoder (OrtDecoder, GenaiDecoder, BuilderInOrt: context managers with ``run``) measured in
+    turn, ``rounds`` times. Each pass loads the graph afresh (a session's memory placement alone moved
+    decode speed by ~10% between two sessions of one graph), warms it up with a short untimed pass, then
+    times one prefill + decode. Per decoder: medians, every round's tokens/s (for :func:`paired_ratio`),
+    the greedy tokens and the prefill's last logits of its last pass."""
+    names = list(decoders)
+    passes: dict[str, list[Pass]] = {name: [] for name in names}
+    for r in range(rounds):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            with decoders[name] as decoder:
+                decoder.run(min(prompt_len, 16), min(new_tokens, 4))  # warm-up: first-run allocations
+                passes[name].append(decoder.run(prompt_len, new_tokens))
+    rows = {}
+    for name, ps in passes.items():
+        rows[name] = {
+            "prefill_ms": round(1000 * statistics.median(p.prefill_s for p in ps), 2),
+            "decode_tok_s": round(statistics.median(new_tokens / p.decode_s for p in ps), 2),
+            "decode_tok_s_rounds": [round(new_tokens / p.decode_s, 2) for p in ps],
+            "decode_cpu_ms_per_token": round(1000 * statistics.median(p.decode_cpu_s for p in ps) / new_tokens, 3),
+            "_tokens": ps[-1].tokens, "_prefill_logits": ps[-1].prefill_logits,
+        }
+    return rows
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's decode tokens/s over b's in the same round (rows of :func:`side_by_side`)."""
+    return round(statistics.median(x / y for x, y in zip(a["decode_tok_s_rounds"], b["decode_tok_s_rounds"],
+                                                         strict=True)), 3)
+
+
+def agreement(row: dict, reference: dict) -> dict:
+    """Max |prefill logit difference| at the prompt's last position, and the greedy tokens equal to the
+    reference's before the first difference (all equal: the number decoded)."""
+    ours, ref = row["_tokens"], reference["_tokens"]
+    same = next((k for k, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b), len(ref))
+    diff = float(np.max(np.abs(row["_prefill_logits"] - reference["_prefill_logits"])))
+    return {"max_abs_logit_diff_vs_ref": round(diff, 6), "greedy_tokens_equal_ref": same}
 
 
 def ort_decode(onnx_path: Path, config, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """Prefill latency and greedy decode tokens/s; ``_prefill_logits`` (last position) and ``_tokens`` (the
-    greedy continuation) are returned for agreement checks between graphs and dropped from the report."""
-    import numpy as np
-
-    from llmtrt.pipelines.runtime.runners import OnnxRuntimeRunner
-
-    prompt = prompt_ids(config.vocab_size, prompt_len)
-    positions = np.arange(prompt_len, dtype=np.int64)[None]
-    ones = np.ones_like(prompt)
-    with OnnxRuntimeRunner(onnx_path, config, threads=THREADS) as runner:
-        capacity = prompt_len + new_tokens
-        first_logits = runner.step(prompt, positions, ones, runner.new_cache(1, capacity))  # warm-up
-        prefill = median_time(lambda: runner.step(prompt, positions, ones, runner.new_cache(1, capacity)), repeats)
-        tokens: list[int] = []
-
-        def decode():
-            tokens.clear()
-            state = runner.new_cache(1, capacity)
-            logits = runner.step(prompt, positions, ones, state)
-            one = np.ones((1, 1), dtype=np.int64)
-            t0 = time.perf_counter()
-            for k in range(new_tokens):
-                token = logits[:, -1:].argmax(-1).astype(np.int64)
-                tokens.append(int(token[0, 0]))
-                logits = runner.step(token, np.array([[prompt_len + k]], dtype=np.int64), one, state)
-            return time.perf_counter() - t0
-
-        seconds = statistics.median(decode() for _ in range(repeats))
-    return {"prefill_ms": round(1000 * prefill, 2), "decode_tok_s": round(new_tokens / seconds, 2),
-            "_prefill_logits": first_logits[0, -1], "_tokens": list(tokens)}
+    """Prefill latency and greedy decode tokens/s of one graph on its own; ``_prefill_logits`` (last position)
+    and ``_tokens`` (the greedy continuation) are returned for agreement checks and dropped from the report."""
+    row = side_by_side({"graph": OrtDecoder(onnx_path, config)}, prompt_len, new_tokens, rounds=repeats)["graph"]
+    del row["decode_tok_s_rounds"]
+    return row
 
 
 def torch_eager_decode(checkpoint_dir: Path, config, prompt_len: int, new_tokens: int, repeats: int) -> dict:
@@ -75,3 +227,148 @@ def torch_eager_decode(checkpoint_dir: Path, config, prompt_len: int, new_tokens
             "_prefill_logits": first_logits, "_tokens": list(tokens)}
 
 
+# --- issue 15: our decode graphs against the onnxruntime-genai builder's, side by side --------------------
+
+# comparison -> the decode tokens/s ratio it must reach (median of per-round ratios)
+TARGETS = {"fp32 (best dialect) / builder fp32": 1.0, "int8-wo / builder int8": 1.0,
+           "int4-awq / builder int4": 1.1, "custom / standard (fp32)": 0.95}
+
+
+def prepare_graphs(work: Path, checkpoint: Path, dialects: tuple[str, ...], quantized_dialect: str) -> dict:
+    """Our exports of ``checkpoint`` (fused, last-position logits: what generate runs) in each dialect,
+    int8-wo and int4-awq of the ``quantized_dialect`` one (``llmtrt quantize``), and the builder's
+    fp32/int8/int4 graphs; reused when already there. Returns label -> ("ort", onnx path) | ("genai", dir)
+    | ("error", why)."""
+    from benchmarks.common import genai_build
+    from benchmarks.run import quantize_for_bench
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.pipelines.artifacts import export_artifact
+
+    source, graphs = resolve_model(str(checkpoint)), {}
+    for dialect in dialects:
+        out = work / "decode-graphs" / dialect
+        if not (out / "manifest.json").is_file():
+            export_artifact(source, out, ExportOptions(dialect=dialect, logits="last"))
+        graphs[f"{dialect} fp32"] = ("ort", out / "model.onnx")
+    for precision in ("int8-wo", "int4-awq"):
+        out = work / "decode-graphs" / f"{quantized_dialect}-{precision}"
+        done = quantize_for_bench(work / "decode-graphs" / quantized_dialect, out, precision)
+        graphs[f"{quantized_dialect} {precision}"] = ("error", done["error"]) if "error" in done else \
+            ("ort", out / "model.onnx")
+    for precision in ("fp32", "int8", "int4"):
+        out = work / "genai" / precision
+        built = {} if (out / "model.onnx").is_file() else genai_build(checkpoint, out, precision)
+        graphs[f"builder {precision}"] = ("error", built["error"]) if "error" in built else ("genai", out)
+    return graphs
+
+
+def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len: int = 128,
+                       new_tokens: int = 128, dialects: tuple[str, ...] = ("standard", "custom", "decomposed"),
+                       quantized_dialect: str = "standard") -> dict:
+    """fp32 in every dialect, int8 and int4 against the builder's graph of the same bit width, each group
+    measured side by side (:func:`side_by_side`); the ratios of :data:`TARGETS`, and each row's agreement
+    with our first dialect's fp32 graph (same checkpoint, same prompt)."""
+    import os
+
+    from llmtrt.exporter.config import resolve_model
+
+    config = resolve_model(str(checkpoint)).config
+    graphs = prepare_graphs(work, checkpoint, dialects, quantized_dialect)
+    load_start = os.getloadavg()
+    for precision in ("fp32", "int8", "int4"):  # the same graph in plain ORT, run as ours are
+        kind, path = graphs[f"builder {precision}"]
+        graphs[f"builder {precision} @ort"] = ("builder@ort", path) if kind == "genai" else (kind, path)
+    groups = {"fp32": [f"{d} fp32" for d in dialects] + ["builder fp32", "builder fp32 @ort"],
+              "int8": [f"{quantized_dialect} int8-wo", "builder int8", "builder int8 @ort"],
+              "int4": [f"{quantized_dialect} int4-awq", "builder int4", "builder int4 @ort"]}
+    rows: dict[str, dict] = {}
+    errors = [f"{label}: {graphs[label][1]}" for label in graphs if graphs[label][0] == "error"]
+    for labels in groups.values():
+        ready = {label: _decoder(graphs[label], config) for label in labels if graphs[label][0] != "error"}
+        rows.update(side_by_side(ready, prompt_len, new_tokens, rounds))
+    reference = rows.get(f"{dialects[0]} fp32")
+    for label, row in rows.items():
+        if reference is not None and row is not reference and not label.endswith("@ort"):  # @ort: timing only
+            row.update(agreement(row, reference))
+    ratios = _issue15_ratios(rows, dialects, quantized_dialect)
+    for row in rows.values():
+        for key in [k for k in row if k.startswith("_")]:
+            del row[key]
+    return {"model": str(checkpoint), "prompt_tokens": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
+            "threads": THREADS, "load_average": [load_start, os.getloadavg()], "cpu_count": os.cpu_count(),
+            "rows": rows, "ratios": ratios, "targets": TARGETS, "errors": errors,
+            "met": {k: ratios[k] >= TARGETS[k] for k in TARGETS if ratios.get(k) is not None}}
+
+
+def _decoder(graph: tuple[str, Path], config):
+    kind, path = graph
+    return {"ort": lambda: OrtDecoder(path, config), "genai": lambda: GenaiDecoder(path),
+            "builder@ort": lambda: BuilderInOrt(path, config)}[kind]()
+
+
+def _issue15_ratios(rows: dict, dialects: tuple[str, ...], quantized: str) -> dict:
+    def ratio(a: str, b: str) -> float | None:
+        return paired_ratio(rows[a], rows[b]) if a in rows and b in rows else None
+
+    per_dialect = {d: ratio(f"{d} fp32", "builder fp32") for d in dialects}
+    known = [r for r in per_dialect.values() if r is not None]
+    out = {f"{d} fp32 / builder fp32": r for d, r in per_dialect.items()}
+    out["fp32 (best dialect) / builder fp32"] = max(known) if known else None
+    out["int8-wo / builder int8"] = ratio(f"{quantized} int8-wo", "builder int8")
+    out["int4-awq / builder int4"] = ratio(f"{quantized} int4-awq", "builder int4")
+    out["custom / standard (fp32)"] = ratio("custom fp32", "standard fp32")
+    at_ort = [ratio(f"{d} fp32", "builder fp32 @ort") for d in dialects]  # same runtime, same session settings
+    out["fp32 (best dialect) / builder fp32 @ort"] = max((r for r in at_ort if r is not None), default=None)
+    out["int8-wo / builder int8 @ort"] = ratio(f"{quantized} int8-wo", "builder int8 @ort")
+    out["int4-awq / builder int4 @ort"] = ratio(f"{quantized} int4-awq", "builder int4 @ort")
+    return out
+
+
+def format_issue15(report: dict) -> str:
+    lines = [f"decode side by side: {Path(report['model']).name}, prompt {report['prompt_tokens']}, "
+             f"{report['new_tokens']} new tokens, batch 1, {report['threads']} threads, medians of "
+             f"{report['rounds']} interleaved rounds; {report['cpu_count']} cores, load average "
+             f"{' -> '.join(f'{a[0]:.2f}' for a in report['load_average'])}",
+             f"{'graph':<22} {'prefill ms':>10} {'tok/s':>8} {'cpu ms/tok':>10} {'max|dlogit|':>11} {'same tok':>8}"]
+    for label, r in report["rows"].items():
+        diff, same = r.get("max_abs_logit_diff_vs_ref"), r.get("greedy_tokens_equal_ref")
+        lines.append(f"{label:<22} {r['prefill_ms']:>10.1f} {r['decode_tok_s']:>8.1f} "
+                     f"{r['decode_cpu_ms_per_token']:>10.2f} {'-' if diff is None else f'{diff:.2e}':>11} "
+                     f"{'-' if same is None else same:>8}")
+    lines += ["", f"{'ratio (median of per-round ratios of tok/s)':<46} {'value':>7} {'target':>7}"]
+    for key, value in report["ratios"].items():
+        target = report["targets"].get(key)
+        verdict = "" if target is None or value is None else ("  met" if value >= target else "  NOT met")
+        lines.append(f"{key:<46} {'-' if value is None else f'{value:.3f}':>7} "
+                     f"{'' if target is None else f'{target:.2f}':>7}{verdict}")
+    lines += [f"not measured: {e}" for e in report["errors"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from benchmarks.common import ensure_checkpoint
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/llmtrt-bench"), help="scratch dir (checkpoint, graphs)")
+    ap.add_argument("--rounds", type=int, default=5, help="measured rounds per group (after one warm-up round)")
+    ap.add_argument("--dialects", default="standard,custom,decomposed", help="our fp32 dialects, first = reference")
+    ap.add_argument("--json", type=Path, help="also write the report here")
+    args = ap.parse_args(argv)
+    report = issue15_comparison(args.work, ensure_checkpoint(args.work, "156m"), rounds=args.rounds,
+                                dialects=tuple(args.dialects.split(",")))
+    print(format_issue15(report))
+    if args.json:
+        from llmtrt.exporter.files import write_json_atomically
+
+        write_json_atomically(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -35,7 +35,11 @@ class _OnesCheckpoint:
         self.shapes = expected_shapes(config)
 
     def fp32_blocks(self, name: str, transpose: bool = False):
-        shape = tuple(self.shapes[name])
+        yield from self.concat_fp32_blocks([name], transpose)
+
+    def concat_fp32_blocks(self, names: list[str], transpose: bool = False):
+        """Parts stacked along dim 0 (a fused weight), as ones."""
+        shape = (sum(self.shapes[n][0] for n in names), *self.shapes[names[0]][1:])
         yield np.ones(shape[::-1] if transpose else shape, np.float32)
 
 

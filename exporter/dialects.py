@@ -101,10 +101,33 @@ def finalize(proto: onnx.ModelProto, config: ModelConfig, dialect: str, opset: i
     """
     name_after_modules(proto)
     if opset != CAPTURE_OPSET:
-        proto = onnx.version_converter.convert_version(proto, opset)
+        proto = convert_opset(proto, opset)
     proto = get(dialect).apply(proto, opset)
     proto.producer_name = "llmtrt"
     helper.set_model_props(proto, {"llmtrt.dialect": dialect, "llmtrt.model": config.name})
+    return proto
+
+
+_HELD = "llmtrt.held"  # private domain that carries nodes past onnx's version converter unchanged
+
+
+def convert_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx.version_converter from CAPTURE_OPSET to ``opset``, plus the one adapter it lacks for these graphs:
+    Split 18 -> 13 (the fused projections' Split; 13 has no ``num_outputs``: without a ``split`` input it
+    splits into as many equal parts as it has outputs, which is what ``num_outputs`` asked for)."""
+    held = [n for n in proto.graph.node if n.op_type == "Split" and n.domain == ""] if opset < 18 else []
+    for node in held:
+        node.domain = _HELD
+    if held:
+        proto.opset_import.append(helper.make_opsetid(_HELD, 1))
+    proto = onnx.version_converter.convert_version(proto, opset)
+    for node in proto.graph.node:
+        if node.op_type == "Split" and node.domain == _HELD:
+            node.domain = ""
+            keep = [a for a in node.attribute if a.name != "num_outputs"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    _drop_domain(proto, _HELD)
     return proto
 
 
@@ -131,8 +154,12 @@ def name_after_modules(proto: onnx.ModelProto) -> None:
             consumers[name] = consumers.get(name, 0) + 1
     renames: dict[str, str] = {}
     used: set[str] = set()
+    scopes: dict[str, str | None] = {}  # tensor -> scope of the node that made it
     for node in proto.graph.node:
         scope = _module_scope(node)
+        if scope is None and node.op_type == "Split" and node.input:  # the capture drops a Split's scopes:
+            scope = scopes.get(node.input[0])                        # it splits its producer's output
+        scopes.update(dict.fromkeys(node.output, scope))
         base = "/" + scope.replace(".", "/") if scope else ""
         name = f"{base}/{node.op_type}"
         k = 0

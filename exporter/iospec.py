@@ -3,7 +3,7 @@
 inputs:  input_ids [batch, sequence_length] int64, position_ids [batch, sequence_length] int64,
          attention_mask [batch, total_sequence_length] int64,
          past_key_values.{i}.key|value [batch, kv_heads, past_sequence_length, head_dim]
-outputs: logits [batch, sequence_length, vocab] float32,
+outputs: logits [batch, sequence_length, vocab] float32 ([batch, 1, vocab] when exported with --logits last),
          present.{i}.key|value [batch, kv_heads, total_sequence_length, head_dim]
 """
 

@@ -123,12 +123,14 @@ class KVLayout:
     _profiles: Callable[..., tuple[Profile, Profile]] = field(repr=False, default=None)
 
     # -- the graph ----------------------------------------------------------------------------
-    def io_spec(self, config: ModelConfig, cache_dtype: str = "float32", logits_dtype: str = "float32") -> IOSpec:
+    def io_spec(self, config: ModelConfig, cache_dtype: str = "float32", logits_dtype: str = "float32",
+                logits: str = "all") -> IOSpec:
+        """``logits``: "all" ([batch, seq, vocab]) or "last" ([batch, 1, vocab]: the last position only)."""
         kv = (BATCH, config.num_key_value_heads, self.cache_dim, config.head_dim)
         present = (BATCH, config.num_key_value_heads, self.present_dim, config.head_dim)
         inputs = [TensorSpec("input_ids", "int64", (BATCH, SEQ)), TensorSpec("position_ids", "int64", (BATCH, SEQ)),
                   TensorSpec("attention_mask", "int64", (BATCH, self.mask_dim))]
-        outputs = [TensorSpec("logits", logits_dtype, (BATCH, SEQ, config.vocab_size))]
+        outputs = [TensorSpec("logits", logits_dtype, (BATCH, SEQ if logits == "all" else 1, config.vocab_size))]
         for i in range(config.num_hidden_layers):
             for kind in ("key", "value"):
                 inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", cache_dtype, kv))

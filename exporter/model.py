@@ -6,10 +6,17 @@ the graph exports once for every batch size, prompt length and past length.
 
 Custom ops (``torch.ops.llmtrt.*``, see plugins/) carry RMSNorm, RoPE and attention so the
 exporter can emit them as single nodes; in eager mode they run their torch reference.
+
+Two export-time variants leave the numbers unchanged (``LlamaDecoder.export_variant``):
+``fuse_projections`` concatenates q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``
+(one MatMul each, weights concatenated along the output axis, in the order of :data:`FUSED`), and
+``last_logits_only`` computes the norm and lm_head for the last position only ([batch, 1, vocab]).
+The reference (validate, compare, generate) runs the model as the checkpoint spells it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -22,6 +29,24 @@ import llmtrt.plugins.rotary_embedding  # noqa: F401
 from llmtrt.exporter.config import ModelConfig
 
 ops = torch.ops.llmtrt
+
+# fused module (relative to a decoder layer) -> the checkpoint modules it concatenates, in output order
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fused_modules(config: ModelConfig) -> dict[str, list[str]]:
+    """Every fused module of a fused export -> its parts, in the order their weights are concatenated."""
+    return {f"model.layers.{n}.{fused}": [f"model.layers.{n}.{part}" for part in parts]
+            for n in range(config.num_hidden_layers) for fused, parts in FUSED.items()}
+
+
+def _fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """One bias-free Linear whose output is the parts' outputs concatenated (weights stacked on dim 0)."""
+    weight = torch.cat([p.weight for p in parts], dim=0)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no throwaway weight
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -100,16 +125,33 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.kv_num_heads * d, bias=False)
         self.v_proj = nn.Linear(h, self.kv_num_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.fused = False
+
+    def fuse(self) -> None:
+        """q/k/v_proj -> one qkv_proj (its output: the q, k and v heads, in that order)."""
+        with torch.no_grad():
+            self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.fused = True
+
+    def rotated_qkv(self, x: Tensor, position_ids: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [batch, heads, seq, d] and k [batch, kv_heads, seq, d] with rotary applied, and v."""
+        batch, seq, _ = x.shape
+        if self.fused:  # one MatMul; the q and k heads rotated in one call (RoPE acts on each head alike)
+            qkv = self.qkv_proj(x).view(batch, seq, self.num_heads + 2 * self.kv_num_heads, self.head_dim)
+            qk, v = qkv.transpose(1, 2).split([self.num_heads + self.kv_num_heads, self.kv_num_heads], dim=1)
+            q, k = ops.rotary_embedding(qk, position_ids, cos, sin).split([self.num_heads, self.kv_num_heads], dim=1)
+            return q, k, v
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
+        return ops.rotary_embedding(q, position_ids, cos, sin), ops.rotary_embedding(k, position_ids, cos, sin), v
 
     def forward(self, x: Tensor, position_ids: Tensor, mask: Tensor, cos: Tensor, sin: Tensor,
                 past_key: Tensor, past_value: Tensor, write_indices: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.kv_num_heads, self.head_dim).transpose(1, 2)
-        q = ops.rotary_embedding(q, position_ids, cos, sin)
-        k = ops.rotary_embedding(k, position_ids, cos, sin)
+        q, k, v = self.rotated_qkv(x, position_ids, cos, sin)
         if write_indices is None:  # growing cache: present = concat(past, new)
             y, present_key, present_value = ops.gqa_attention(
                 q, k, v, mask, past_key, past_value, self.num_heads, self.kv_num_heads, self.scale)
@@ -128,8 +170,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused = False
+
+    def fuse(self) -> None:
+        """gate/up_proj -> one gate_up_proj (its output: gate, then up)."""
+        with torch.no_grad():
+            self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+        self.fused = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(nn.functional.silu(gate) * up)
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -167,10 +220,38 @@ class LlamaDecoder(nn.Module):
         cos, sin = rope_tables(config, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.last_logits_only = False
+
+    def export_variant(self, *, fuse: bool, last_logits_only: bool, in_place: bool = False) -> LlamaDecoder:
+        """This model with fused projections and/or last-position logits, for export. Unless ``in_place``
+        the result is a new module tree sharing every tensor it does not replace (this model is unchanged)."""
+        if not fuse and last_logits_only == self.last_logits_only:
+            return self
+        model = self
+        if not in_place:  # a new module tree; the parameters and buffers themselves are shared
+            memo = {id(t): t for t in (*self.parameters(), *self.buffers())}
+            model = copy.deepcopy(self, memo)
+        if fuse:
+            model.fuse_projections()
+        model.last_logits_only = last_logits_only
+        return model
+
+    def fuse_projections(self) -> None:
+        """q/k/v -> qkv_proj and gate/up -> gate_up_proj in every layer (see :data:`FUSED`)."""
+        for layer in self.model.layers:
+            if not layer.self_attn.fused:
+                layer.self_attn.fuse()
+            if not layer.mlp.fused:
+                layer.mlp.fuse()
+
+    @property
+    def fused(self) -> bool:
+        return all(layer.self_attn.fused and layer.mlp.fused for layer in self.model.layers)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor,
                 past_key_values: list[Tensor], write_indices: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Logits [batch, seq, vocab] and present [k0, v0, k1, v1, ...].
+        """Logits [batch, seq, vocab] ([batch, 1, vocab]: the last position, when ``last_logits_only``)
+        and present [k0, v0, k1, v1, ...].
 
         Growing cache (``write_indices`` None): past is [batch, kv_heads, past, d], attention_mask
         [batch, past + seq], present [batch, kv_heads, past + seq, d].
@@ -189,6 +270,8 @@ class LlamaDecoder(nn.Module):
             x, k, v = layer(x, position_ids, mask, self.rope_cos, self.rope_sin,
                             past_key_values[2 * i], past_key_values[2 * i + 1], write_indices)
             present += [k, v]
+        if self.last_logits_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.model.norm(x)).float()
         return logits, present
 

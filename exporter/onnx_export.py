@@ -26,6 +26,7 @@ from llmtrt.exporter.kv_cache import get_layout
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
 STREAMING_THRESHOLD = 1 << 30  # fp32 weight bytes of a checkpoint above which export streams by default
+LOGITS = ("all", "last")  # which positions the graph's logits cover
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class ExportOptions:
     # Stream checkpoint tensors into model.onnx.data instead of loading the model (same files, a fraction
     # of the memory). None: for checkpoints whose fp32 weights are over STREAMING_THRESHOLD bytes.
     streaming: bool | None = None
+    # One MatMul for q/k/v (qkv_proj) and one for gate/up (gate_up_proj), weights concatenated along the
+    # output axis; the manifest's ``fused`` lists the parts. Same numbers, fewer and larger MatMuls.
+    fuse: bool = True
+    logits: str = "all"  # "all": logits for every position; "last": [batch, 1, vocab] (generate, engines)
 
     def resolved_opset(self) -> int:
         spec = dialects.get(self.dialect)
@@ -52,6 +57,8 @@ class ExportOptions:
             raise LlmtrtUserError(f"--opset {opset} is newer than the installed onnx supports ({dialects.MAX_OPSET})")
         if self.max_positions is not None and self.max_positions < 1:
             raise LlmtrtUserError(f"--max-seq must be a positive integer, got {self.max_positions}")
+        if self.logits not in LOGITS:
+            raise LlmtrtUserError(f"--logits {self.logits!r} is not one of {', '.join(LOGITS)}")
         return opset
 
 
@@ -66,24 +73,32 @@ class ExportedModel:
     opset: int
     stats: dict = field(default_factory=dict)
     kv_cache: str = "dynamic"
+    fused: dict[str, list[str]] = field(default_factory=dict)  # fused module -> its checkpoint modules, in order
+    logits: str = "all"  # "all" positions, or the "last" one only
 
 
-def export_model(model, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> ExportedModel:
-    """Export ``model`` (an llmtrt.exporter.model.LlamaDecoder) to ``out_dir/model.onnx`` in the chosen dialect."""
+def export_model(model, out_dir: str | Path, options: ExportOptions = ExportOptions(), *,
+                 in_place: bool = False) -> ExportedModel:
+    """Export ``model`` (an llmtrt.exporter.model.LlamaDecoder) to ``out_dir/model.onnx`` in the chosen dialect.
+
+    ``model`` is left as it was unless ``in_place`` (then fusing replaces its q/k/v and gate/up modules:
+    for a model loaded only to be exported, it saves a copy of those weights)."""
     out_dir = Path(out_dir)
     opset = options.resolved_opset()
     t0 = time.perf_counter()
+    model = model.export_variant(fuse=options.fuse, last_logits_only=options.logits == "last", in_place=in_place)
     with torch.no_grad():
         proto = capture(model, options.kv_cache)
     proto = dialects.finalize(proto, model.config, options.dialect, opset)
-    io = get_layout(options.kv_cache).io_spec(model.config)
+    io = get_layout(options.kv_cache).io_spec(model.config, logits=options.logits)
     io.apply_dim_names(proto)
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     external = options.external_data if options.external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     onnx_path = write_model(proto, out_dir, external)
     stats = {"export_seconds": round(time.perf_counter() - t0, 3), "weights_bytes": size, "external_data": external,
              "streaming": False}
-    return ExportedModel(onnx_path, model.config, io, options.dialect, opset, stats, options.kv_cache)
+    return ExportedModel(onnx_path, model.config, io, options.dialect, opset, stats, options.kv_cache,
+                         _fused(model.config, options), options.logits)
 
 
 def write_model(proto: onnx.ModelProto, out_dir: Path, external: bool, write_data=None) -> Path:
@@ -116,7 +131,7 @@ def export(source: ModelSource, out_dir: str | Path, options: ExportOptions = Ex
     if use_streaming(source, options):
         return export_streaming(source, out_dir, options)
     model = load_model(source, max_positions=options.max_positions)
-    return export_model(model, out_dir, options)
+    return export_model(model, out_dir, options, in_place=True)
 
 
 def use_streaming(source: ModelSource, options: ExportOptions) -> bool:
@@ -142,9 +157,10 @@ def export_streaming(source: ModelSource, out_dir: str | Path, options: ExportOp
     t0 = time.perf_counter()
     config = source.config
     checkpoint = streaming.Checkpoint(config, source.checkpoint_dir)  # key/shape errors before the capture
-    proto = streaming.capture(checkpoint, config, options.kv_cache, options.max_positions)
+    proto = streaming.capture(checkpoint, config, options.kv_cache, options.max_positions, fuse=options.fuse,
+                              last_logits_only=options.logits == "last")
     proto = dialects.finalize(proto, config, options.dialect, opset)
-    io = get_layout(options.kv_cache).io_spec(config)
+    io = get_layout(options.kv_cache).io_spec(config, logits=options.logits)
     io.apply_dim_names(proto)
     size = streaming.initializer_bytes(proto)
     external = options.external_data if options.external_data is not None else size > EXTERNAL_DATA_THRESHOLD
@@ -154,4 +170,11 @@ def export_streaming(source: ModelSource, out_dir: str | Path, options: ExportOp
                             write_data=lambda path: streaming.write_data(path, plan, checkpoint))
     stats = {"export_seconds": round(time.perf_counter() - t0, 3), "weights_bytes": size, "external_data": external,
              "streaming": True}
-    return ExportedModel(onnx_path, config, io, options.dialect, opset, stats, options.kv_cache)
+    return ExportedModel(onnx_path, config, io, options.dialect, opset, stats, options.kv_cache,
+                         _fused(config, options), options.logits)
+
+
+def _fused(config: ModelConfig, options: ExportOptions) -> dict[str, list[str]]:
+    from llmtrt.exporter.model import fused_modules
+
+    return fused_modules(config) if options.fuse else {}

@@ -6,7 +6,8 @@ weights at peak. Here the model is built on the ``meta`` device (only the rotary
 captured with the same exporter and translation table. Before the same optimizer runs, each large
 weight becomes zeros with zero strides (no memory), so the optimizer folds exactly what it folds for
 the real model, in the same order and under the same names; afterwards every such initializer becomes
-an empty placeholder whose external-data location names its checkpoint tensor. After the dialect pass
+an empty placeholder whose external-data location names its checkpoint tensor (a fused weight, e.g.
+``qkv_proj``, names its parts joined by ``+``: their concatenation along the output axis). After the dialect pass
 and renaming, the placeholders are laid out as ``onnx.save_model(save_as_external_data=True,
 size_threshold=1024)`` lays out tensors (graph order, back to back), and each tensor is read from its
 safetensors file with plain reads, converted to fp32 and, for linear weights, transposed, in blocks
@@ -29,7 +30,9 @@ import torch
 from llmtrt.exporter.config import ModelConfig
 from llmtrt.exporter.errors import LlmtrtUserError
 
-MARK = "llmtrt.stream:"  # external-data location of a placeholder: MARK + checkpoint name + ("|T" if transposed)
+# external-data location of a placeholder: MARK + checkpoint names joined by "+" (concatenated along dim 0)
+# + ("|T" if transposed)
+MARK = "llmtrt.stream:"
 BLOCK_BYTES = 64 << 20  # fp32 bytes written per block of a converted tensor
 WRITE_QUEUE = 2  # converted blocks that may wait for the writer thread
 SMALL_ELEMENTS = 1024  # weights up to this size are loaded at capture: onnx_ir deduplicates them by content
@@ -109,12 +112,23 @@ class Checkpoint:
 
     def fp32_blocks(self, name: str, transpose: bool):
         """The tensor as fp32 bytes (transposed to [in, out] when asked), in blocks of about BLOCK_BYTES."""
-        t = self.read(name)
-        if transpose:
-            t = t.T
-        rows = max(1, BLOCK_BYTES // max(1, 4 * _numel(t.shape[1:])))
-        for r in range(0, t.shape[0], rows):
-            yield t[r:r + rows].to(torch.float32).contiguous().numpy()
+        yield from self.concat_fp32_blocks([name], transpose)
+
+    def concat_fp32_blocks(self, names: list[str], transpose: bool):
+        """The tensors concatenated along dim 0 (a fused weight [sum of out, in]), as fp32 bytes in blocks
+        of about BLOCK_BYTES; transposed ([in, sum of out]) when asked. Holds the parts, one block apart."""
+        if not transpose:
+            for name in names:
+                t = self.read(name)
+                rows = max(1, BLOCK_BYTES // max(1, 4 * _numel(t.shape[1:])))
+                for r in range(0, t.shape[0], rows):
+                    yield t[r:r + rows].to(torch.float32).contiguous().numpy()
+            return
+        parts = [self.read(name).T for name in names]
+        width = sum(_numel(p.shape[1:]) for p in parts)
+        rows = max(1, BLOCK_BYTES // max(1, 4 * width))
+        for r in range(0, parts[0].shape[0], rows):
+            yield torch.cat([p[r:r + rows].to(torch.float32) for p in parts], dim=1).contiguous().numpy()
 
 
 def _numel(shape) -> int:
@@ -124,7 +138,8 @@ def _numel(shape) -> int:
     return n
 
 
-def meta_model(config: ModelConfig, max_positions: int | None = None):
+def meta_model(config: ModelConfig, max_positions: int | None = None, *, fuse: bool = False,
+               last_logits_only: bool = False):
     """A LlamaDecoder whose parameters live on the meta device; the rotary tables are real."""
     from llmtrt.exporter.model import LlamaDecoder, rope_tables
 
@@ -133,11 +148,25 @@ def meta_model(config: ModelConfig, max_positions: int | None = None):
     cos, sin = rope_tables(config, max_positions)
     model.register_buffer("rope_cos", cos, persistent=False)
     model.register_buffer("rope_sin", sin, persistent=False)
-    return model.eval()
+    return model.export_variant(fuse=fuse, last_logits_only=last_logits_only, in_place=True).eval()
 
 
-def capture(checkpoint: Checkpoint, config: ModelConfig, kv_cache: str, max_positions: int | None = None
-            ) -> onnx.ModelProto:
+def weight_sources(config: ModelConfig, fuse: bool) -> dict[str, str]:
+    """Parameter name of the export's model -> its checkpoint source (fused: the parts joined by "+")."""
+    from llmtrt.exporter.model import fused_modules
+    from llmtrt.exporter.weights import expected_shapes
+
+    weights = {name: name for name in expected_shapes(config)}
+    if config.tie_word_embeddings:  # the capture may name the shared weight after either module
+        weights["lm_head.weight"] = "model.embed_tokens.weight"
+    if fuse:
+        for fused, parts in fused_modules(config).items():
+            weights[fused + ".weight"] = "+".join(weights.pop(part + ".weight") for part in parts)
+    return weights
+
+
+def capture(checkpoint: Checkpoint, config: ModelConfig, kv_cache: str, max_positions: int | None = None, *,
+            fuse: bool = False, last_logits_only: bool = False) -> onnx.ModelProto:
     """The graph the in-memory capture gives, at CAPTURE_OPSET, with every large checkpoint weight as
     an empty placeholder initializer whose external-data location names its source. Small weights (up to
     SMALL_ELEMENTS) are loaded, because the optimizer deduplicates small initializers by content."""
@@ -145,14 +174,11 @@ def capture(checkpoint: Checkpoint, config: ModelConfig, kv_cache: str, max_posi
 
     from llmtrt.exporter.capture import run_export, warnings_quiet
     from llmtrt.exporter.kv_cache import get_layout
-    from llmtrt.exporter.weights import expected_shapes
 
-    model = meta_model(config, max_positions)
+    model = meta_model(config, max_positions, fuse=fuse, last_logits_only=last_logits_only)
     program = run_export(model, get_layout(kv_cache), optimize=False)
     graph = program.model.graph
-    weights = {name: name for name in expected_shapes(config)}
-    if config.tie_word_embeddings:  # the capture may name the shared weight after either module
-        weights["lm_head.weight"] = "model.embed_tokens.weight"
+    weights = weight_sources(config, fuse)
     sources = {}
     for name in [n for n in graph.initializers if n in weights]:
         value, source = graph.initializers[name], weights[name]
@@ -235,8 +261,8 @@ def fill_inline(proto: onnx.ModelProto, checkpoint: Checkpoint) -> None:
 
 
 def _blocks(checkpoint: Checkpoint, source: str):
-    name, _, flag = source.partition("|")
-    return checkpoint.fp32_blocks(name, transpose=flag == "T")
+    names, _, flag = source.partition("|")
+    return checkpoint.concat_fp32_blocks(names.split("+"), transpose=flag == "T")
 
 
 def write_data(path: Path, plan: list[tuple[int, str | bytes]], checkpoint: Checkpoint) -> int:

@@ -178,6 +178,8 @@ def write_export_manifest(exported: ExportedModel, source: ModelSource | dict[st
         "precision": "fp32",
         "config": exported.config.to_dict(),
         "io": exported.io.to_dict(),
+        "logits": exported.logits,
+        "fused": exported.fused,
         "stats": exported.stats,
         "versions": library_versions(),
         **runtime,
@@ -262,8 +264,14 @@ def load_exported(directory: str | Path, manifest: dict[str, Any] | None = None)
         raise LlmtrtUserError(f"{path}: its config/io fields are not a model llmtrt can read ({exc}); "
                               "re-run the stage that wrote it") from None
     get_layout(raw["kv_cache"], where=f"{path}: kv_cache")
+    logits, fused = raw.get("logits", "all"), raw.get("fused", {})
+    if logits not in ("all", "last"):
+        raise LlmtrtUserError(f"{path}: field 'logits' is {logits!r}, not 'all' or 'last'; re-run the stage that wrote it")
+    if not isinstance(fused, dict) or not all(isinstance(v, list) for v in fused.values()):
+        raise LlmtrtUserError(f"{path}: field 'fused' is not a map of module -> parts; re-run the stage that wrote it")
     onnx_path = Path(directory) / raw["onnx"]
     if not onnx_path.is_file():
         raise LlmtrtUserError(f"{onnx_path}: listed in {MANIFEST} but missing; re-run the stage that wrote it")
     load_graph(onnx_path)  # a truncated or foreign file fails here, once, as a user error
-    return ExportedModel(onnx_path, config, io, raw["dialect"], raw["opset"], raw.get("stats", {}), raw["kv_cache"])
+    return ExportedModel(onnx_path, config, io, raw["dialect"], raw["opset"], raw.get("stats", {}), raw["kv_cache"],
+                         fused, logits)

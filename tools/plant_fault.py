@@ -6,8 +6,9 @@
 A check is only a check once it has failed: every fault here must make ``llmtrt validate`` fail
 (tests/pipelines/test_faults.py plants each one in fp32, fp16, int8-sq and int4-awq artifacts of every
 dialect). Graph faults are planted at tensors every dialect and precision share — the outputs of the
-named q/k/v/o projection MatMuls, ``position_ids``, the embedding Gather — so the same surgery works
-on custom, standard and decomposed graphs. After the surgery the manifest's ``onnx_sha256`` is
+named q/k/v/o projection MatMuls (in a fused graph, the columns of ``qkv_proj``'s output that hold q, k
+or v, as the manifest's ``fused`` orders them), ``position_ids``, the embedding Gather — so the same
+surgery works on custom, standard and decomposed graphs, fused or not. After the surgery the manifest's ``onnx_sha256`` is
 recomputed ("re-signed"), so the fault has to be found by looking at what the artifact is, not by
 its hash; ``tampered_manifest`` is the one fault that leaves the hash wrong.
 """
@@ -39,13 +40,47 @@ def fault(name: str, summary: str):
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _node(model: onnx.ModelProto, suffix: str, layer: int = 0) -> onnx.NodeProto:
+def _node(model: onnx.ModelProto, suffix: str, layer: int = 0, required: bool = True) -> onnx.NodeProto | None:
     """The node of a named projection (``q_proj`` ...) in ``layer``, however the dialect/precision wrote it."""
     want = f"/model/layers/{layer}/" + suffix + "/"
     for n in model.graph.node:
         if n.name.startswith(want) and n.op_type in ("MatMul", "MatMulNBits", "Gemm"):
             return n
+    if not required:
+        return None
     raise SystemExit(f"no {want}MatMul node: is this an llmtrt artifact?")
+
+
+def _columns(model: onnx.ModelProto, manifest: dict, layer: int, proj: str) -> tuple[str, int, int, int]:
+    """(tensor, first column, columns, the tensor's width): where attention projection ``proj`` (q_proj,
+    k_proj, v_proj) puts its output in ``layer``: its own MatMul's output, or its columns of a fused one."""
+    c = _config(manifest)
+    d = c["head_dim"]
+    widths = {"q_proj": c["num_attention_heads"] * d, "k_proj": c["num_key_value_heads"] * d,
+              "v_proj": c["num_key_value_heads"] * d}
+    node = _node(model, f"self_attn/{proj}", layer, required=False)
+    if node is not None:
+        return node.output[0], 0, widths[proj], widths[proj]
+    module = f"model.layers.{layer}.self_attn.{proj}"
+    for fused, parts in (manifest.get("fused") or {}).items():
+        if module in parts:
+            names = [part.rsplit(".", 1)[1] for part in parts]
+            node = _node(model, "self_attn/" + fused.rsplit(".", 1)[1], layer)
+            first = sum(widths[n] for n in names[:names.index(proj)])
+            return node.output[0], first, widths[proj], sum(widths[n] for n in names)
+    raise SystemExit(f"no {proj} MatMul in layer {layer} and no fused module holding it: is this an llmtrt artifact?")
+
+
+def _permute(model: onnx.ModelProto, manifest: dict, layer: int, perms: dict[str, np.ndarray], tag: str) -> None:
+    """Reorder the output columns of the named projections of ``layer``: column j of projection p becomes
+    its column ``perms[p][j]`` (a Gather after the MatMul, fused or not; other columns unchanged)."""
+    by_tensor: dict[str, np.ndarray] = {}
+    for proj, perm in perms.items():
+        tensor, first, count, width = _columns(model, manifest, layer, proj)
+        index = by_tensor.setdefault(tensor, np.arange(width))
+        index[first:first + count] = first + perm
+    for k, (tensor, index) in enumerate(by_tensor.items()):
+        _gather_last(model, tensor, index, f"{tag}{layer}_{k}")
 
 
 def _insert_after(model: onnx.ModelProto, tensor: str, make: Callable[[str, str], list[onnx.NodeProto]]) -> None:
@@ -138,14 +173,21 @@ def wrong_kv_group(model, manifest, base):
     cols = np.concatenate([np.arange(d) + d * source[p] for p in range(heads)])
     back = np.concatenate([np.arange(d) + d * place[h] for h in range(heads)])
     for layer in range(c["num_hidden_layers"]):
-        _gather_last(model, _node(model, "self_attn/q_proj", layer).output[0], cols, f"q_heads{layer}")
+        _permute(model, manifest, layer, {"q_proj": cols}, "q_heads")
         _gather_last(model, _node(model, "self_attn/o_proj", layer).input[0], back, f"o_heads{layer}")
     return "query heads regrouped before attention and restored after it"
 
 
 @fault("kv_swapped", "K and V projections swapped into attention in layer 0")
 def kv_swapped(model, manifest, base):
-    k, v = _node(model, "self_attn/k_proj").output[0], _node(model, "self_attn/v_proj").output[0]
+    k, k_first, count, width = _columns(model, manifest, 0, "k_proj")
+    v, v_first, _, _ = _columns(model, manifest, 0, "v_proj")
+    if k == v:  # fused: exchange the k and v columns of the one output
+        index = np.arange(width)
+        index[k_first:k_first + count], index[v_first:v_first + count] = (index[v_first:v_first + count].copy(),
+                                                                          index[k_first:k_first + count].copy())
+        _gather_last(model, k, index, "kv_swap")
+        return f"k and v columns of {k} exchanged"
     for n in model.graph.node:
         for i, name in enumerate(n.input):
             if name == k:
@@ -163,9 +205,9 @@ def interleaved_rope(model, manifest, base):
     d = c["head_dim"]
     per_head = np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
     for layer in range(c["num_hidden_layers"]):
-        for proj, heads in (("q_proj", c["num_attention_heads"]), ("k_proj", c["num_key_value_heads"])):
-            cols = np.concatenate([per_head + h * d for h in range(heads)])
-            _gather_last(model, _node(model, f"self_attn/{proj}", layer).output[0], cols, f"{proj}{layer}")
+        perms = {proj: np.concatenate([per_head + h * d for h in range(heads)])
+                 for proj, heads in (("q_proj", c["num_attention_heads"]), ("k_proj", c["num_key_value_heads"]))}
+        _permute(model, manifest, layer, perms, "rope")
     return "q/k channels permuted to the interleaved pairing in every layer"
 
 

@@ -175,6 +175,7 @@ def evaluate(artifact_dir: str | Path, eval_tokens: np.ndarray, seq_len: int = D
     from llmtrt.pipelines.runtime.runners import DecoderRunner
 
     manifest = read_manifest(artifact_dir)
+    _require_every_position(manifest, artifact_dir)
     runners: dict[str, Any] = {}
     if reference is not None:
         runners[REFERENCE] = reference if isinstance(reference, DecoderRunner) else open_runner(reference)
@@ -185,6 +186,14 @@ def evaluate(artifact_dir: str | Path, eval_tokens: np.ndarray, seq_len: int = D
                               reference=REFERENCE if reference is not None else key, bos_id=bos_id)
     ref_ppl = None if reference is None else _ppl(totals[REFERENCE])
     return PrecisionMetrics.from_totals(name, str(artifact_dir), totals[key], ref_ppl)
+
+
+def _require_every_position(manifest: Mapping[str, Any], where: str | Path) -> None:
+    """Perplexity scores the prediction at every position: a graph with last-position logits cannot be scored."""
+    if manifest.get("logits", "all") != "all":
+        raise LlmtrtUserError(f"{where}: exported with --logits {manifest['logits']} (logits for the last position "
+                              "only), but perplexity needs the logits at every position; compare an export made "
+                              "with --logits all (the default)")
 
 
 def _ppl(t: Totals) -> float:
@@ -215,6 +224,7 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
                               f"not {REFERENCE}; pass the fp32 export as the reference")
     cfg = ref_manifest["config"]
     for name, m in manifests.items():
+        _require_every_position(m, artifacts[name])
         m.setdefault("config", cfg)  # a stage that does not repeat the model config inherits the reference's
         m.setdefault("onnx", "model.onnx")
         if m["config"] != cfg:

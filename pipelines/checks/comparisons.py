@@ -114,11 +114,13 @@ def _output_rows(accuracy, funcs, names: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _kv_consistency(runner: str, outputs, steps: int, tol: GroupTolerance) -> dict[str, Any]:
-    """Within one runner: last-position logits of prefill and each decode step vs one forward over N + M."""
+    """Within one runner: last-position logits of prefill and each decode step vs one forward over N + M
+    (of a last-logits graph's one forward, only its last position exists: the last step's)."""
     from polygraphy.comparator import SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult
 
     stepped = np.concatenate([outputs[PREFILL][:, -1:]] + [outputs[decode_name(i)] for i in range(1, steps + 1)], 1)
+    stepped = np.ascontiguousarray(stepped[:, stepped.shape[1] - outputs[ONE_PASS].shape[1]:])
     a = IterationResult({"logits": stepped}, runner_name=f"{runner} prefill+decode")
     b = IterationResult({"logits": outputs[ONE_PASS]}, runner_name=f"{runner} one pass")
     result = SimpleCompareFunc(atol=tol.atol, rtol=tol.rtol, check_error_stat="max")(a, b)["logits"]

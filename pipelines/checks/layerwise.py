@@ -79,7 +79,8 @@ def layerwise(exported, manifest: dict[str, Any], feed: Mapping[str, np.ndarray]
             ref_path, ref_desc = load_exported(reference).onnx_path, str(reference)
         else:
             options = ExportOptions(dialect=exported.dialect, opset=exported.opset, kv_cache=exported.kv_cache,
-                                    max_positions=max_positions_from_file(exported.onnx_path))
+                                    max_positions=max_positions_from_file(exported.onnx_path),
+                                    fuse=bool(exported.fused), logits=exported.logits)
             source = open_model_source(manifest, exported.onnx_path.parent / "manifest.json")
             ref_path = export(source, Path(tmp) / "reference", options).onnx_path
             ref_desc = f"fp32 re-export of {manifest['model_source']} ({exported.dialect} ops)"

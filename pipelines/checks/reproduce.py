@@ -27,11 +27,12 @@ COMMAND = ("polygraphy run {onnx} --onnxrt --load-inputs {inputs} --load-outputs
 
 
 def reproduction_feeds(model, layout: KVLayout, prompts: list[list[int]], decode_tokens: np.ndarray,
-                       cache_dtype=np.float32) -> tuple[list[OrderedDict], list[OrderedDict]]:
-    """(feeds, reference outputs): per prompt, its prefill then each decode step on the reference's cache."""
+                       cache_dtype=np.float32, logits: str = "all") -> tuple[list[OrderedDict], list[OrderedDict]]:
+    """(feeds, reference outputs): per prompt, its prefill then each decode step on the reference's cache
+    (``logits``: the positions the graph returns logits for, "all" or "last")."""
     from llmtrt.pipelines.runtime.runners import PyTorchRunner
 
-    reference = PyTorchRunner(model=model, layout=layout)
+    reference = PyTorchRunner(model=model, layout=layout, logits=logits)
     config = model.config
     feeds, outputs = [], []
     with reference:
@@ -66,14 +67,14 @@ def reproduction_feeds(model, layout: KVLayout, prompts: list[list[int]], decode
 
 def write_reproduction(directory: Path, onnx_path: Path, model, layout: KVLayout, prompts: list[list[int]],
                        decode_tokens: np.ndarray, tol: Tolerances, atol: dict, rtol: dict,
-                       cache_dtype=np.float32) -> dict[str, str]:
+                       cache_dtype=np.float32, logits: str = "all") -> dict[str, str]:
     """inputs.json and reference_outputs.json in ``directory``; returns their paths and the command."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
     from polygraphy.logger import G_LOGGER
 
-    feeds, outputs = reproduction_feeds(model, layout, prompts, decode_tokens, cache_dtype)
+    feeds, outputs = reproduction_feeds(model, layout, prompts, decode_tokens, cache_dtype, logits)
     inputs, reference = directory / "inputs.json", directory / "reference_outputs.json"
     results = RunResults()
     results.append(("pytorch-fp32", [IterationResult(o, runner_name="pytorch-fp32") for o in outputs]))

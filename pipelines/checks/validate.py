@@ -254,7 +254,7 @@ def _publish(report: ValidationReport, s: _Setup, options: ValidateOptions, stag
     with s.reference:
         files = write_reproduction(stage, s.exported.onnx_path, s.reference.model, s.layout, s.prompts,
                                    s.plan.decode_tokens, s.tol, dict(options.atol), dict(options.rtol),
-                                   np.dtype(report.inputs["cache_dtype"]).type)
+                                   np.dtype(report.inputs["cache_dtype"]).type, s.exported.logits)
     files = {k: v.replace(str(stage), str(out_dir)) for k, v in files.items()}
     for name in ("outputs.json", "layerwise.json"):
         if (stage / name).is_file():

@@ -9,6 +9,10 @@ same ``decode_tokens`` for every backend, plus one forward over all ``N + M`` to
     logits.decode.{i}   [batch, 1, vocab]      i = 1..M
     logits.one_pass     [batch, M + 1, vocab]  one forward over N + M tokens, at the positions that
                                                prefill's last token and each decode step predict from
+
+A graph exported with ``--logits last`` (and the reference run like it) returns the last position
+only, so there ``logits.prefill`` is [batch, 1, vocab] and ``logits.one_pass`` [batch, 1, vocab]: the
+last decode step's prediction, made in one pass.
     present.{i}.key|value                      the cache after the last decode step, padding zeroed
 
 so Polygraphy's comparison functions see every step by name, and the KV-cache consistency check
@@ -109,11 +113,12 @@ class ValidationRunner(BaseRunner):
         self.inference_time = time.perf_counter() - start
         n = batch.width
         outputs = OrderedDict()
-        outputs[PREFILL] = _f32(result.logits[0]) * batch.attention_mask[:, :, None]
-        outputs["logits"] = _f32(result.logits[0])  # the graph's own output name, for `polygraphy run`
+        prefill = result.logits[0]  # every position, or the last one (the mask's last columns line up)
+        outputs[PREFILL] = _f32(prefill) * batch.attention_mask[:, n - prefill.shape[1]:, None]
+        outputs["logits"] = _f32(prefill)  # the graph's own output name, for `polygraphy run`
         for i, logits in enumerate(result.logits[1:], start=1):
             outputs[decode_name(i)] = _f32(logits)
-        outputs[ONE_PASS] = _f32(full_logits[:, n - 1:])
+        outputs[ONE_PASS] = _f32(full_logits[:, -(self.plan.steps + 1):])
         real = full.attention_mask[:, None, :, None].astype(np.float32)
         for i in range(self.runner.config.num_hidden_layers):
             outputs[f"present.{i}.key"] = _f32(result.present[2 * i]) * real

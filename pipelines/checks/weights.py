@@ -4,8 +4,10 @@
 
 Which checkpoint tensor an initializer stands for comes from its name (the exporter names linear
 weights ``<module>.weight_t`` = W^T, norms and embeddings by their checkpoint names, a tied lm_head
-shares ``model.embed_tokens.weight``) or, for quantized graphs, from the weight map the precision step
-writes into the manifest (``weight_map``: per linear, its source, scheme, scales and smoothing).
+shares ``model.embed_tokens.weight``; a fused module such as ``qkv_proj``, listed in the manifest's
+``fused``, stands for its parts' weights concatenated along the output axis) or, for quantized graphs,
+from the weight map the precision step writes into the manifest (``weight_map``: per linear, its
+source, scheme, scales and smoothing).
 Tensors are read one at a time (graph initializers from external data, checkpoint tensors from
 safetensors), so memory stays about one tensor whatever the model size.
 
@@ -42,6 +44,9 @@ class SourceTensors:
             self._state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
     def get(self, name: str) -> np.ndarray:
+        """One checkpoint tensor; ``a+b+...`` (a fused weight): the tensors concatenated along axis 0."""
+        if "+" in name:
+            return np.concatenate([self.get(part) for part in name.split("+")], axis=0)
         if self.source.config.tie_word_embeddings and name == "lm_head.weight":
             name = "model.embed_tokens.weight"
         if self._state is not None:
@@ -50,20 +55,25 @@ class SourceTensors:
             self._checkpoint.shapes[name])
 
 
-def source_of(name: str, config) -> tuple[str, bool] | None:
-    """(checkpoint tensor, transposed) an fp32/half export initializer stands for, or None."""
+def source_of(name: str, config, fused: dict[str, list[str]] | None = None) -> tuple[str, bool] | None:
+    """(checkpoint tensor, transposed) an fp32/half export initializer stands for, or None. A fused
+    module's weight (``fused``: module -> parts, from the manifest) stands for ``part1.weight+part2.weight...``,
+    which :meth:`SourceTensors.get` concatenates."""
     from llmtrt.exporter.weights import expected_shapes
 
     known = expected_shapes(config)
+    for module, parts in (fused or {}).items():
+        known[f"{module}.weight"] = "+".join(f"{part}.weight" for part in parts)
     if config.tie_word_embeddings:
         known["lm_head.weight"] = known["model.embed_tokens.weight"]
     base = name
     for suffix in (".fp16", ".bf16"):
         base = base.removesuffix(suffix)
     if base.endswith(".weight_t") and base[: -len("_t")] in known:
-        return base[: -len("_t")], True
+        base = base[: -len("_t")]
+        return (known[base] if isinstance(known[base], str) else base), True
     if base in known:
-        return base, False
+        return (known[base] if isinstance(known[base], str) else base), False
     return None
 
 
@@ -104,8 +114,11 @@ def check_weights(graph, base_dir: Path, manifest: dict[str, Any], source) -> li
     for tensor in graph.graph.initializer:
         if tensor.name in covered or tensor.data_type not in _FLOATS:
             continue
-        where = source_of(tensor.name, config)
+        where = source_of(tensor.name, config, manifest.get("fused"))
         if where is None:
+            if tensor.name.removesuffix(".fp16").removesuffix(".bf16").endswith(".weight_t"):  # a linear's weight
+                findings.append(Finding("weights", tensor.name, False, "a linear weight with no checkpoint tensor "
+                                        "behind it: neither the checkpoint nor the manifest's fused modules name it"))
             continue
         name, transposed = where
         have = read_initializer(tensor, base_dir)

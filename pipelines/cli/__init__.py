@@ -109,18 +109,26 @@ def main() -> None:
               help="dynamic: past_key_values.* [batch, kv_heads, past, head_dim] in, present.* (past+seq) out "
                    "(ONNX Runtime); static: a fixed-size cache [batch, kv_heads, max_cache_length, head_dim] "
                    "updated in place at per-sequence write_indices [batch] (TensorRT's KV-cache update).")
+@click.option("--logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="all: logits [batch, seq, vocab] for every position (what `llmtrt compare` scores); last: "
+                   "[batch, 1, vocab] for the last position only (all that generate and engines need: no lm_head "
+                   "over the prompt).")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="One MatMul for q/k/v (qkv_proj) and one for gate/up (gate_up_proj), weights concatenated "
+                   "along the output axis and listed in the manifest's `fused`; same numbers, fewer kernels.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for presets without weights (random init).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary.")
 @user_errors
 def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_positions: int | None,
-           kv_cache: str, seed: int, as_json: bool) -> None:
+           kv_cache: str, logits: str, fuse: bool, seed: int, as_json: bool) -> None:
     """Export a model to DIR/model.onnx plus DIR/manifest.json.
 
     \b
     Graph IO (ONNX Runtime GenAI names; batch, sequence and past are dynamic):
       input_ids, position_ids [batch, seq] int64; attention_mask [batch, past+seq] int64
       past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
-      -> logits [batch, seq, vocab], present.{i}.key|value [batch, kv_heads, past+seq, head_dim]
+      -> logits [batch, seq, vocab] ([batch, 1, vocab] with --logits last),
+         present.{i}.key|value [batch, kv_heads, past+seq, head_dim]
 
     \b
     Examples:
@@ -133,7 +141,8 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
     from llmtrt.exporter.onnx_export import ExportOptions
     from llmtrt.pipelines.artifacts import MANIFEST, export_artifact
 
-    options = ExportOptions(dialect=dialect, opset=opset, max_positions=max_positions, kv_cache=kv_cache)
+    options = ExportOptions(dialect=dialect, opset=opset, max_positions=max_positions, kv_cache=kv_cache,
+                            logits=logits, fuse=fuse)
     options.resolved_opset()  # reject a bad --ops/--opset pair before any work
     check_out_dir(out_dir)
     t0 = time.perf_counter()
@@ -149,7 +158,7 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
     stats = {**exported.stats, "total_seconds": round(time.perf_counter() - t0, 3)}
     manifest = exported.onnx_path.parent / MANIFEST
     summary = {"onnx": str(exported.onnx_path), "manifest": str(manifest), "dialect": dialect,
-               "kv_cache": kv_cache, "opset": exported.opset, **stats}
+               "kv_cache": kv_cache, "opset": exported.opset, "logits": logits, "fused": len(exported.fused), **stats}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

@@ -417,8 +417,9 @@ _REDUCE_AXES_INPUT_AT_18 = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSu
 def raise_opset(model, target: int) -> int:
     """Raise the default-domain opset (graph and local functions) to at least ``target``; returns it.
 
-    Between 17 and 21 the only change to ops these graphs use is opset 18 moving Reduce* ``axes``
-    from an attribute to an input, done here; the rest only widened type lists.
+    Between 17 and 21 the changes to ops these graphs use are both at opset 18: Reduce* ``axes`` moved
+    from an attribute to an input, and a Split into equal parts (no ``split`` input) must say
+    ``num_outputs``; both done here. The rest only widened type lists.
     """
     from onnx import helper, numpy_helper
 
@@ -437,6 +438,9 @@ def raise_opset(model, target: int) -> int:
                     name = add_const(np.asarray(helper.get_attribute_value(axes), dtype=np.int64))
                     n.attribute.remove(axes)
                     n.input.append(name)
+            if current < 18 and n.op_type == "Split" and (len(n.input) < 2 or not n.input[1]) \
+                    and not any(a.name == "num_outputs" for a in n.attribute):
+                n.attribute.append(helper.make_attribute("num_outputs", len(n.output)))
 
     def graph_const(value):
         counter[0] += 1

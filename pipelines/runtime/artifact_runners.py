@@ -38,7 +38,9 @@ def open_runner(path: str | Path, *, provider: str = "cpu", threads: int | None 
 
 
 def reference_runner(manifest: dict[str, Any], where: str | Path, max_positions: int | None = None) -> PyTorchRunner:
-    """The fp32 PyTorch model an artifact's manifest names (checked to be the same model)."""
+    """The fp32 PyTorch model an artifact's manifest names (checked to be the same model), returning the
+    logits the artifact's graph returns (every position, or the last one: the manifest's ``logits``)."""
     from llmtrt.pipelines.artifacts import open_model_source
 
-    return PyTorchRunner(open_model_source(manifest, where), max_positions=max_positions)
+    return PyTorchRunner(open_model_source(manifest, where), max_positions=max_positions,
+                         logits=manifest.get("logits", "all"))

@@ -112,10 +112,11 @@ class DecoderRunner(BaseRunner):
 # PyTorch
 # --------------------------------------------------------------------------------------------
 class PyTorchRunner(DecoderRunner):
-    """The fp32 PyTorch model (``llmtrt.exporter.model``): the reference every artifact is held to."""
+    """The fp32 PyTorch model (``llmtrt.exporter.model``): the reference every artifact is held to.
+    ``logits="last"`` returns the last position's logits only, as a graph exported with ``--logits last``."""
 
     def __init__(self, source: ModelSource | None = None, *, model: Any = None, max_positions: int | None = None,
-                 layout: KVLayout | str = "dynamic", name: str = "pytorch-fp32") -> None:
+                 layout: KVLayout | str = "dynamic", name: str = "pytorch-fp32", logits: str = "all") -> None:
         if (source is None) == (model is None):
             raise ValueError("give a ModelSource or a loaded model")
         config = source.config if source is not None else model.config
@@ -128,6 +129,7 @@ class PyTorchRunner(DecoderRunner):
                          f"PyTorch fp32 {config.name} ({kind})")
         self.source, self.model = source, model
         self._owns_model = model is None
+        self.logits = logits
 
     def activate_impl(self) -> None:
         if self.model is None:
@@ -159,6 +161,8 @@ class PyTorchRunner(DecoderRunner):
         with torch.no_grad():
             logits, present = self.model(t(feeds["input_ids"]), t(feeds["position_ids"]), t(feeds["attention_mask"]),
                                          [p.float() for p in past], *extra)
+        if self.logits == "last":
+            logits = logits[:, -1:]
         return logits.numpy(), list(present)
 
 

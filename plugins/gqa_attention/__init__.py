@@ -62,41 +62,47 @@ def translation(q, k, v, attn_mask, past_key, past_value, q_num_heads: int, kv_n
     )
 
 
+def attention_body(q: str, keys: str, values: str, mask: str, y: str) -> str:
+    """ONNX text of Y = softmax(Q K^T * scale + mask) V (softmax in fp32) over a whole cache, for the
+    function bodies of both attention ops. Q [B, Hq, S, D] is viewed as [B, Hkv, G*S, D] (query head h
+    uses KV head h // G, and no K/V is copied); the mask is tiled G times along its query axis to match.
+    Every shape is a constant of the attributes, so after inlining a runtime folds them away: per call
+    the runtime sees Reshape, MatMul (with K^T and the scale folded in), Add, Softmax, MatMul, Reshape."""
+    return "\n".join([
+        "  kvh = Constant <value_int: int = @kv_num_heads> ()",
+        "  qh = Constant <value_int: int = @q_num_heads> ()",
+        "  groups = Div (qh, kvh)",
+        "  zero = Constant <value_ints = [0]> ()",
+        "  one = Constant <value_ints = [1]> ()",
+        "  minus1 = Constant <value_ints = [-1]> ()",
+        "  kvh1 = Unsqueeze (kvh, zero)",
+        "  qh1 = Unsqueeze (qh, zero)",
+        "  groups1 = Unsqueeze (groups, zero)",
+        "  grouped_shape = Concat <axis = 0> (zero, kvh1, minus1, zero)",
+        "  heads_shape = Concat <axis = 0> (zero, qh1, minus1, zero)",
+        "  tiles = Concat <axis = 0> (one, one, groups1, one)",
+        f"  qg = Reshape ({q}, grouped_shape)",
+        f"  kt = Transpose <perm = [0, 1, 3, 2]> ({keys})",
+        "  raw = MatMul (qg, kt)",
+        "  scale_f = Constant <value_float: float = @scale> ()",
+        f"  scale_t = CastLike (scale_f, {q})",
+        "  scaled = Mul (raw, scale_t)",
+        "  scores = Cast <to = 1> (scaled)",
+        f"  mask_f = Cast <to = 1> ({mask})",
+        "  mask_g = Tile (mask_f, tiles)",
+        "  masked = Add (scores, mask_g)",
+        "  probs_f = Softmax <axis = -1> (masked)",
+        f"  probs = CastLike (probs_f, {q})",
+        f"  out = MatMul (probs, {values})",
+        f"  {y} = Reshape (out, heads_shape)",
+    ])
+
+
 def function(opset: int) -> onnx.FunctionProto:
-    # Q [B, Hq, S, D] is viewed as [B, Hkv, G*S, D]: query head h uses KV head h // G, no K/V copies.
     body = "\n".join([
         "  present_key = Concat <axis = 2> (past_key, K)",
         "  present_value = Concat <axis = 2> (past_value, V)",
-        "  kvh = Constant <value_int: int = @kv_num_heads> ()",
-        "  qh = Constant <value_int: int = @q_num_heads> ()",
-        "  groups0 = Div (qh, kvh)",
-        "  zero0 = Constant <value_ints = [0]> ()",
-        "  minus1 = Constant <value_ints = [-1]> ()",
-        "  kvh1 = Unsqueeze (kvh, zero0)",
-        "  groups = Unsqueeze (groups0, zero0)",
-        "  qshape = Concat <axis = 0> (zero0, kvh1, minus1, zero0)",
-        "  qg = Reshape (Q, qshape)",
-        "  kt = Transpose <perm = [0, 1, 3, 2]> (present_key)",
-        "  raw = MatMul (qg, kt)",
-        "  scale_f = Constant <value_float: float = @scale> ()",
-        "  scale_t = CastLike (scale_f, Q)",
-        "  scaled = Mul (raw, scale_t)",
-        "  scaled_f = Cast <to = 1> (scaled)",
-        "  bh = Shape <end = 2> (qg)",
-        "  st = Shape <start = 2> (attn_mask)",
-        "  shape5 = Concat <axis = 0> (bh, groups, st)",
-        "  scores5 = Reshape (scaled_f, shape5)",
-        "  mask_f = Cast <to = 1> (attn_mask)",
-        "  one = Constant <value_ints = [1]> ()",
-        "  mask5 = Unsqueeze (mask_f, one)",
-        "  masked = Add (scores5, mask5)",
-        "  probs5 = Softmax <axis = -1> (masked)",
-        "  shape4 = Shape (raw)",
-        "  probs4 = Reshape (probs5, shape4)",
-        "  probs = CastLike (probs4, Q)",
-        "  out = MatMul (probs, present_value)",
-        "  qs = Shape (Q)",
-        "  Y = Reshape (out, qs)",
+        attention_body("Q", "present_key", "present_value", "attn_mask", "Y"),
     ])
     return parse_function(
         "GroupQueryAttention",

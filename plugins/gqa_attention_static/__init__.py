@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import onnx
 import torch
-from onnx import helper
 from onnxscript.values import Opset
 
+from llmtrt.plugins.gqa_attention import attention_body
 from llmtrt.plugins.gqa_attention import reference as gqa_reference
 from llmtrt.plugins.gqa_attention_static import lowering
 from llmtrt.plugins.onnx_function import parse_function, register_schema
@@ -69,37 +69,30 @@ def translation(q, k, v, attn_mask, key_cache, value_cache, write_indices, q_num
 
 
 def function(opset: int) -> onnx.FunctionProto:
-    # Attention over the updated cache is GroupQueryAttention with the cache as "past" and no new rows.
-    body = """
-  seq_shape = Shape <start = 2, end = 3> (K)
-  seq = Squeeze (seq_shape)
-  zero_s = Constant <value_int = 0> ()
-  one_s = Constant <value_int = 1> ()
-  steps = Range (zero_s, seq, one_s)
-  one = Constant <value_ints = [1]> ()
-  wi2 = Unsqueeze (write_indices, one)
-  slots = Add (wi2, steps)
-  axes13 = Constant <value_ints = [1, 3]> ()
-  slots4 = Unsqueeze (slots, axes13)
-  k_shape = Shape (K)
-  k_idx = Expand (slots4, k_shape)
-  present_key = ScatterElements <axis = 2> (key_cache, k_idx, K)
-  v_shape = Shape (V)
-  v_idx = Expand (slots4, v_shape)
-  present_value = ScatterElements <axis = 2> (value_cache, v_idx, V)
-  zero = Constant <value_ints = [0]> ()
-  two = Constant <value_ints = [2]> ()
-  no_k = Slice (K, zero, zero, two)
-  no_v = Slice (V, zero, zero, two)
-  Y, unused_k, unused_v = llmtrt.GroupQueryAttention <q_num_heads: int = @q_num_heads, kv_num_heads: int = @kv_num_heads, scale: float = @scale> (Q, no_k, no_v, attn_mask, present_key, present_value)
-"""
-    fn = parse_function(
+    # The new rows scattered into the caches at write_indices[b] + i (one index tensor serves K and V:
+    # they have the same shape), then GroupQueryAttention's attention over the whole updated cache.
+    body = "\n".join([
+        "  seq_shape = Shape <start = 2, end = 3> (K)",
+        "  seq = Squeeze (seq_shape)",
+        "  zero_s = Constant <value_int = 0> ()",
+        "  one_s = Constant <value_int = 1> ()",
+        "  steps = Range (zero_s, seq, one_s)",
+        "  axis1 = Constant <value_ints = [1]> ()",
+        "  wi2 = Unsqueeze (write_indices, axis1)",
+        "  slots = Add (wi2, steps)",
+        "  axes13 = Constant <value_ints = [1, 3]> ()",
+        "  slots4 = Unsqueeze (slots, axes13)",
+        "  k_shape = Shape (K)",
+        "  rows = Expand (slots4, k_shape)",
+        "  present_key = ScatterElements <axis = 2> (key_cache, rows, K)",
+        "  present_value = ScatterElements <axis = 2> (value_cache, rows, V)",
+        attention_body("Q", "present_key", "present_value", "attn_mask", "Y"),
+    ])
+    return parse_function(
         "GroupQueryAttentionStatic",
         "(Q, K, V, attn_mask, key_cache, value_cache, write_indices) => (Y, present_key, present_value)",
         body, opset, attributes="q_num_heads, kv_num_heads, scale",
     )
-    fn.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    return fn
 
 
 OP = CustomOp(

@@ -46,28 +46,26 @@ def translation(x, position_ids, cos_cache, sin_cache):
 
 
 def function(opset: int) -> onnx.FunctionProto:
+    # Y = X * [cos, cos] + [x2, x1] * [-sin, sin]: the same products and sums as x1 cos - x2 sin,
+    # x2 cos + x1 sin (negation is exact). The tables' part depends only on the tables and positions,
+    # so a runtime computes it once for every call; per call it runs Split, Concat, Mul, Mul, Add.
+    split = "Split <axis = -1, num_outputs = 2>" if opset >= 18 else "Split <axis = -1>"
     body = "\n".join([
         "  cos3 = Gather <axis = 0> (cos_cache, position_ids)",
         "  sin3 = Gather <axis = 0> (sin_cache, position_ids)",
+        "  neg_sin3 = Neg (sin3)",
+        "  cos_full = Concat <axis = -1> (cos3, cos3)",
+        "  sin_full = Concat <axis = -1> (neg_sin3, sin3)",
         "  one = Constant <value_ints = [1]> ()",
-        "  cos4 = Unsqueeze (cos3, one)",
-        "  sin4 = Unsqueeze (sin3, one)",
+        "  cos4 = Unsqueeze (cos_full, one)",
+        "  sin4 = Unsqueeze (sin_full, one)",
         "  cos = CastLike (cos4, X)",
         "  sin = CastLike (sin4, X)",
-        "  dim = Shape <start = -1> (X)",
-        "  two = Constant <value_ints = [2]> ()",
-        "  half = Div (dim, two)",
-        "  zero = Constant <value_ints = [0]> ()",
-        "  last = Constant <value_ints = [-1]> ()",
-        "  x1 = Slice (X, zero, half, last)",
-        "  x2 = Slice (X, half, dim, last)",
-        "  a = Mul (x1, cos)",
-        "  b = Mul (x2, sin)",
-        "  y1 = Sub (a, b)",
-        "  c = Mul (x2, cos)",
-        "  d = Mul (x1, sin)",
-        "  y2 = Add (c, d)",
-        "  Y = Concat <axis = -1> (y1, y2)",
+        f"  x1, x2 = {split} (X)",
+        "  rotated = Concat <axis = -1> (x2, x1)",
+        "  a = Mul (X, cos)",
+        "  b = Mul (rotated, sin)",
+        "  Y = Add (a, b)",
     ])
     return parse_function("RotaryEmbedding", "(X, position_ids, cos_cache, sin_cache) => (Y)", body, opset)
 

@@ -51,8 +51,8 @@ def test_onnxruntime_matches_pytorch(exported, tiny_model, prompts):
 
 
 EXPECTED_OPS = {
-    "custom": {("llmtrt", "RMSNorm"): 5, ("llmtrt", "RotaryEmbedding"): 4, ("llmtrt", "GroupQueryAttention"): 2},
-    "standard": {("", "RMSNormalization"): 5, ("", "RotaryEmbedding"): 4, ("", "Attention"): 2},
+    "custom": {("llmtrt", "RMSNorm"): 5, ("llmtrt", "RotaryEmbedding"): 2, ("llmtrt", "GroupQueryAttention"): 2},
+    "standard": {("", "RMSNormalization"): 5, ("", "RotaryEmbedding"): 2, ("", "Attention"): 2},
     "decomposed": {("", "Softmax"): 2, ("", "ReduceMean"): 5},
 }
 
@@ -76,10 +76,64 @@ def test_graph_io_ops_and_functions(exported):
         assert domains == {""} and not proto.functions
     opset = {o.domain: o.version for o in proto.opset_import}[""]
     assert opset == {"custom": 18, "standard": 23, "decomposed": 17}[exported.dialect]
-    # Linear weights are named after their module, [in, out].
+    # Linear weights are named after their module, [in, out]; q/k/v and gate/up fused by default.
     weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
-    assert weights["model.layers.0.self_attn.q_proj.weight_t"] == (64, 64)
+    assert weights["model.layers.0.self_attn.qkv_proj.weight_t"] == (64, 64 + 2 * 32)
+    assert weights["model.layers.1.mlp.gate_up_proj.weight_t"] == (64, 2 * 160)
     assert weights["model.layers.1.mlp.down_proj.weight_t"] == (160, 64)
+    assert not any(name.endswith((".q_proj.weight_t", ".k_proj.weight_t", ".up_proj.weight_t")) for name in weights)
+    matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert matmuls == ["/model/layers/0/self_attn/qkv_proj/MatMul", "/model/layers/0/self_attn/o_proj/MatMul",
+                       "/model/layers/0/mlp/gate_up_proj/MatMul", "/model/layers/0/mlp/down_proj/MatMul",
+                       "/model/layers/1/self_attn/qkv_proj/MatMul", "/model/layers/1/self_attn/o_proj/MatMul",
+                       "/model/layers/1/mlp/gate_up_proj/MatMul", "/model/layers/1/mlp/down_proj/MatMul",
+                       "/lm_head/MatMul"]
+    assert exported.fused["model.layers.1.self_attn.qkv_proj"] == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+    assert exported.fused["model.layers.0.mlp.gate_up_proj"] == ["model.layers.0.mlp.gate_proj",
+                                                                 "model.layers.0.mlp.up_proj"]
+
+
+def test_fused_weight_is_the_parts_concatenated(exported, tiny_model):
+    """qkv_proj.weight_t = [Wq; Wk; Wv]^T and gate_up_proj.weight_t = [Wgate; Wup]^T, exactly; the caller's
+    model keeps its checkpoint modules."""
+    from onnx import numpy_helper
+
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(exported.onnx_path)).graph.initializer}
+    state = {k: v.detach().numpy() for k, v in tiny_model.state_dict().items()}
+    for module, parts in exported.fused.items():
+        want = np.concatenate([state[f"{part}.weight"] for part in parts], axis=0).T
+        np.testing.assert_array_equal(weights[f"{module}.weight_t"], want)
+    assert not tiny_model.fused and "model.layers.0.self_attn.q_proj.weight" in state
+
+
+def test_unfused_export_keeps_the_checkpoint_modules(tmp_path, tiny_model):
+    exp = export_model(tiny_model, tmp_path, ExportOptions(dialect="standard", fuse=False))
+    names = {t.name for t in onnx.load(str(exp.onnx_path)).graph.initializer}
+    assert {"model.layers.0.self_attn.q_proj.weight_t", "model.layers.0.mlp.up_proj.weight_t"} <= names
+    assert not any("qkv_proj" in n or "gate_up_proj" in n for n in names) and exp.fused == {}
+    batch = Batch.left_padded([[5, 9, 11, 3], [17, 4]])
+    got, ref = run_ort(exp.onnx_path, tiny_model.config, batch, steps=2), run_torch(tiny_model, batch, steps=2)
+    assert max(np.abs(a - b).max() for a, b in zip(got.logits[1:], ref.logits[1:], strict=True)) <= TOL
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_last_logits_graph_returns_the_last_position(tmp_path, tiny_model, dialect, kv_cache):
+    """--logits last: logits [batch, 1, vocab] equal to the model's last position, prefill and decode; the
+    IO spec and the graph say so."""
+    exp = export_model(tiny_model, tmp_path, ExportOptions(dialect=dialect, kv_cache=kv_cache, logits="last"))
+    proto = onnx.load(str(exp.onnx_path))
+    assert [d.dim_param or d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == ["batch", 1, 256]
+    assert exp.io.outputs[0].dims == ("batch", 1, 256) and exp.logits == "last"
+    batch = Batch.left_padded([[5, 9, 11, 3, 7, 2], [17, 4], [1, 2, 3, 4]])
+    decode = np.array([[3, 1, 4], [5, 9, 2], [5, 3, 5]], dtype=np.int64)
+    capacity = 16 if kv_cache == "static" else None
+    got = run_ort(exp.onnx_path, tiny_model.config, batch, decode, 3, layout=kv_cache, capacity=capacity)
+    ref = run_torch(tiny_model, batch, decode, 3)
+    assert got.logits[0].shape == (3, 1, 256)
+    assert np.abs(got.logits[0] - ref.logits[0][:, -1:]).max() <= TOL
+    assert max(np.abs(a - b).max() for a, b in zip(got.logits[1:], ref.logits[1:], strict=True)) <= TOL
 
 
 def test_manifest_round_trip(exported):
@@ -91,6 +145,7 @@ def test_manifest_round_trip(exported):
     assert "torch" in raw["versions"] and "onnx" in raw["versions"]
     again = load_exported(path.parent)
     assert again.config == exported.config and again.io == exported.io
+    assert raw["logits"] == "all" and raw["fused"] == exported.fused and again.fused == exported.fused
 
 
 def test_external_data_round_trip(tmp_path, tiny_model):

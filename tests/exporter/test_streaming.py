@@ -26,6 +26,10 @@ CASES = {
     "fp32_standard_static": dict(ckpt=dict(dtype=torch.float32, max_shard_size="100KB"),
                                  options=dict(dialect="standard", kv_cache="static", external_data=True)),
     "fp32_decomposed": dict(ckpt=dict(dtype=torch.float32), options=dict(dialect="decomposed", external_data=True)),
+    "fp32_custom_unfused": dict(ckpt=dict(dtype=torch.float32),
+                                options=dict(dialect="custom", external_data=True, fuse=False)),
+    "bf16_standard_last_logits": dict(ckpt=dict(dtype=torch.bfloat16, max_shard_size="100KB"),
+                                      options=dict(dialect="standard", external_data=True, logits="last")),
 }
 
 
@@ -65,6 +69,9 @@ def test_weights_were_streamed_not_loaded(pair):
     if streamed.stats["external_data"]:
         assert "model.layers.0.mlp.down_proj.weight|T" in streamed_sources
         assert "model.embed_tokens.weight" in streamed_sources
+        qkv = "+".join(f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv") + "|T"
+        assert (qkv in streamed_sources) == bool(streamed.fused)  # a fused weight: its parts, concatenated
+        assert ("model.layers.1.self_attn.q_proj.weight|T" in streamed_sources) != bool(streamed.fused)
     else:  # inline: nothing goes to model.onnx.data, placeholders are filled in the graph
         assert plan == []
 
@@ -95,6 +102,8 @@ def test_streamed_graph_matches_pytorch_in_onnxruntime(pair):
         feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1].numpy()
     sess = ort.InferenceSession(str(streamed.onnx_path), providers=["CPUExecutionProvider"])
     logits = sess.run(["logits"], feeds)[0]
+    if streamed.logits == "last":
+        expected = expected[:, -1:]
     np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-4)
 
 

@@ -54,6 +54,21 @@ def test_export_json(tmp_path):
     assert summary["peak_rss_bytes"] > 0
 
 
+def test_export_logits_and_fusion_options(tmp_path):
+    res = CliRunner().invoke(main, ["export", "--model", "tiny", "--out", str(tmp_path / "a"), "--json",
+                                    "--logits", "last", "--no-fuse"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["logits"] == "last" and json.loads(res.stdout)["fused"] == 0
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["logits"] == "last" and manifest["fused"] == {}
+    assert manifest["io"]["outputs"][0] == {"name": "logits", "dtype": "float32", "dims": ["batch", 1, 256]}
+    res = CliRunner().invoke(main, ["export", "--model", "tiny", "--out", str(tmp_path / "b"), "--json"])
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["logits"] == "all" and len(manifest["fused"]) == 2 * 2  # 2 layers x (qkv, gate_up)
+    res = CliRunner().invoke(main, ["export", "--model", "tiny", "--out", str(tmp_path / "c"), "--logits", "first"])
+    assert res.exit_code == 2 and "--logits" in res.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-preset"], "no such directory or preset"),
     (["--model", "tiny", "--ops", "standard", "--opset", "18"], "needs opset >= 23"),

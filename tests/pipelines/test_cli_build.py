@@ -164,7 +164,7 @@ def test_plugin_without_libraries_is_refused_per_node(exports, tmp_path):
     assert result.exit_code == 2
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
     failing = [part for part in line.split("; ") if "(llmtrt::" in part]
-    assert len(failing) == 6  # 2 layers x (2 RotaryEmbedding + GroupQueryAttention); RMSNorm has no clash
+    assert len(failing) == 4  # 2 layers x (RotaryEmbedding of the fused q|k + GroupQueryAttention); RMSNorm has no clash
     assert all("llmtrt::" in line for line in failing) and "`--lower native`" in result.stderr
 
 

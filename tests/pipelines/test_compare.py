@@ -449,3 +449,20 @@ def test_cli_model_checks_every_input_before_exporting(tmp_path, monkeypatch, hf
     for args in (("--precisions", "fp32,fp16", "--calib-text", str(calib)), ("--precisions", "fp32,int8-wo")):
         res = run(*args)
         assert isinstance(res.exception, AssertionError) and str(res.exception) == "export started", res.output
+
+
+def test_last_logits_artifact_is_refused_with_exit_2(tmp_path):
+    """Perplexity needs every position's logits: a graph exported with --logits last is bad input for compare."""
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.pipelines.artifacts import export_artifact
+
+    last = tmp_path / "last"
+    export_artifact(resolve_model("tiny"), last, ExportOptions(logits="last", max_positions=64))
+    with pytest.raises(LlmtrtUserError, match=r"--logits last .* every position"):
+        compare_artifacts({"fp32": last}, eval_text=EVAL, max_tokens=64)
+    with pytest.raises(LlmtrtUserError, match="--logits last"):
+        evaluate(last, read_eval_tokens(EVAL, ByteTokenizer(), max_tokens=64), seq_len=32)
+    res = CliRunner().invoke(main, ["compare", str(last), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "--logits last" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()

@@ -70,7 +70,7 @@ def test_weight_map_says_how_to_recompute_every_weight(tmp_path):
     """int8-wo / int4-rtn weights are exactly quant_math of the export's fp32 weights the map names."""
     from llmtrt.exporter.config import resolve_model
 
-    src = _export(resolve_model("bytes-llama"), tmp_path / "fp32")
+    src = _export(resolve_model("bytes-llama"), tmp_path / "fp32", fuse=False)
     _, fp32 = _arrays(src)
     for precision, bits in (("int8-wo", 8), ("int4-rtn", 4)):
         out = quantize(src, tmp_path / precision, precision, QUIET)
@@ -94,7 +94,7 @@ def test_weight_map_says_how_to_recompute_every_weight(tmp_path):
 def test_smoothing_recorded_where_it_went(tmp_path):
     from llmtrt.exporter.config import resolve_model
 
-    src = _export(resolve_model("bytes-llama"), tmp_path / "fp32")
+    src = _export(resolve_model("bytes-llama"), tmp_path / "fp32", fuse=False)
     out = quantize(src, tmp_path / "sq", "int8-sq", QUIET)
     linears = read_manifest(out)["weight_map"]["linears"]
     q = linears["model.layers.0.self_attn.q_proj"]
@@ -164,60 +164,14 @@ def test_peak_memory_does_not_grow_with_the_layers(hf_checkpoint, tmp_path):
     assert growth < 0.25 * weights
 
 
-def _fuse(export: Path) -> dict[str, list[str]]:
-    """Rewrite an export the way the fusing exporter will: one qkv_proj and one gate_up_proj MatMul per
-    layer (weights concatenated along the output axis, a Split restoring the old tensors), and record
-    ``fused`` in its manifest."""
-    from onnx import helper
-
-    model = onnx.load(str(export / "model.onnx"))
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    by_name = {n.name: n for n in g.node}
-    fused, replace, drop = {}, {}, set()
-    for i in range(4):
-        for target, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                              ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
-            modules = [f"model.layers.{i}.{p}" for p in parts]
-            nodes = [by_name["/" + m.replace(".", "/") + "/MatMul"] for m in modules]
-            weights = [numpy_helper.to_array(inits[m + ".weight_t"]) for m in modules]
-            name = f"model.layers.{i}.{target}"
-            g.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), name + ".weight_t"))
-            sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), name + ".split")
-            g.initializer.append(sizes)
-            out = name + ".out"
-            replace[nodes[0].name] = [
-                helper.make_node("MatMul", [nodes[0].input[0], name + ".weight_t"], [out],
-                                 name="/" + name.replace(".", "/") + "/MatMul"),
-                helper.make_node("Split", [out, sizes.name], [n.output[0] for n in nodes], axis=-1,
-                                 name="/" + name.replace(".", "/") + "/Split")]
-            drop.update(n.name for n in nodes)
-            fused[name] = modules
-    new_nodes = []
-    for n in g.node:
-        new_nodes.extend(replace.get(n.name, []))
-        if n.name not in drop:
-            new_nodes.append(n)
-    del g.node[:]
-    g.node.extend(new_nodes)
-    keep = [t for t in g.initializer if not any(t.name == m + ".weight_t" for ms in fused.values() for m in ms)]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    onnx.save(model, str(export / "model.onnx"))
-    manifest = json.loads((export / "manifest.json").read_text())
-    manifest["fused"] = fused
-    (export / "manifest.json").write_text(json.dumps(manifest))
-    return fused
-
-
 @pytest.mark.parametrize("precision", ["int4-awq", "int8-sq", "fp16"])
 def test_fused_linears(precision, tmp_path):
     """q/k/v and gate/up fused into one MatMul each (the exporter's next step) quantize as one linear,
     their weight map naming every checkpoint part and its columns."""
     from llmtrt.exporter.config import resolve_model
 
-    src = _export(resolve_model("bytes-llama"), tmp_path / "fp32")
-    fused = _fuse(src)
+    src = _export(resolve_model("bytes-llama"), tmp_path / "fp32")  # fused: the exporter's default
+    fused = read_manifest(src)["fused"]
     out = quantize(src, tmp_path / precision, precision, QUIET)
     inv = inventory(onnx.load(str(out / "model.onnx"), load_external_data=False))
     assert len(inv.linears) == 4 * 4 + 1 and inv.contradicts(precision) is None

@@ -33,7 +33,8 @@ def exports(tmp_path_factory):
     variants = {"custom": ExportOptions(dialect="custom", max_positions=64),
                 "standard": ExportOptions(dialect="standard", max_positions=64),
                 "decomposed": ExportOptions(dialect="decomposed", max_positions=64),
-                "static": ExportOptions(dialect="standard", kv_cache="static", max_positions=64)}
+                "static": ExportOptions(dialect="standard", kv_cache="static", max_positions=64),
+                "last": ExportOptions(dialect="custom", logits="last", max_positions=64)}
     for name, options in variants.items():
         export_artifact(source, root / name, options)
     return {name: root / name for name in variants}
@@ -47,7 +48,7 @@ def _copy(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("variant", ["custom", "standard", "decomposed", "static"])
+@pytest.mark.parametrize("variant", ["custom", "standard", "decomposed", "static", "last"])
 def test_fp32_artifacts_pass(exports, variant, tmp_path):
     report = validate(exports[variant], ValidateOptions(batch=2, decode_steps=3, prompt_tokens=12,
                                                         out_dir=tmp_path / "v"))
@@ -62,6 +63,62 @@ def test_fp32_artifacts_pass(exports, variant, tmp_path):
     saved = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert saved["passed"] is True and saved["precision"] == "fp32"
     assert not list((tmp_path / "v").glob(".validate-*"))  # staging removed
+    assert any(f["check"] == "weights" and f["passed"] for f in report.integrity)  # fused weights included
+
+
+def test_last_logits_artifact_is_compared_where_it_has_logits(exports, tmp_path):
+    """--logits last: the prefill's last position, every decode step, and the one-pass forward's last
+    position are compared (against the reference run the same way); the printed reproduction agrees."""
+    import shlex
+    import subprocess
+    import sys
+
+    report = validate(exports["last"], ValidateOptions(batch=2, decode_steps=3, prompt_tokens=12,
+                                                       out_dir=tmp_path / "v"))
+    assert report, report.table()
+    from polygraphy.comparator import RunResults
+
+    results = RunResults.load(str(tmp_path / "v" / "outputs.json"))
+    for runner in ("pytorch-fp32", "onnxruntime"):
+        it = results[runner][0]
+        assert it["logits.prefill"].shape == (2, 1, 256) and it["logits.one_pass"].shape == (2, 1, 256)
+    assert [r["passed"] for r in report.kv_cache] == [True, True]
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    proc = subprocess.run(shlex.split(report.files["reproduce"]), capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def _edit_fused_weight(model):
+    for t in model.graph.initializer:
+        if t.name == "model.layers.0.self_attn.qkv_proj.weight_t":
+            a = numpy_helper.to_array(t).copy()
+            a[5, 64 + 3] += 0.01  # a k_proj column: k's part of the fused weight
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+            return
+    raise AssertionError("fused weight not found")
+
+
+def test_integrity_checks_a_fused_weight_against_its_parts(exports, tmp_path):
+    """A fused weight equals its parts concatenated; an edit in k's columns is named, and so is a fused
+    weight the manifest does not explain (no `fused` entry: no checkpoint tensor behind it)."""
+    from llmtrt.pipelines.artifacts import onnx_sha256
+    from llmtrt.pipelines.checks.integrity import check_artifact
+
+    assert all(check_artifact(exports["standard"]))
+    broken = _copy(exports["standard"], tmp_path / "broken", _edit_fused_weight)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["onnx_sha256"] = onnx_sha256(broken / "model.onnx")
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    bad = [f for f in check_artifact(broken) if not f]
+    assert [f.subject for f in bad][-1] == "model.layers.0.self_attn.qkv_proj.weight_t"
+    assert "model.layers.0.self_attn.q_proj.weight+model.layers.0.self_attn.k_proj.weight" in bad[-1].detail
+    unexplained = tmp_path / "unexplained"
+    shutil.copytree(exports["standard"], unexplained)
+    manifest = json.loads((unexplained / "manifest.json").read_text())
+    del manifest["fused"]
+    (unexplained / "manifest.json").write_text(json.dumps(manifest))
+    bad = [f.subject for f in check_artifact(unexplained) if not f]
+    assert "model.layers.1.mlp.gate_up_proj.weight_t" in bad
 
 
 def test_saved_inputs_are_unpadded_steps_that_replay_in_onnxruntime(exports, tmp_path):
