@@ -23,36 +23,10 @@ from typing import Any
 import numpy as np
 
 from llmtrt.pipelines.checks.findings import Finding
+from llmtrt.pipelines.checks.tensors import SourceTensors, read_initializer, rounded
+from llmtrt.pipelines.checks.weight_map import check_linear, covered_initializers
 
 _FLOATS = {1: np.float32, 10: np.float16, 16: "bfloat16"}
-
-
-class SourceTensors:
-    """Checkpoint tensors by name, fp32, one at a time: safetensors reads, or a seeded random init."""
-
-    def __init__(self, source) -> None:
-        self.source = source
-        self._state = None
-        if source.checkpoint_dir is not None:
-            from llmtrt.exporter.streaming import Checkpoint
-
-            self._checkpoint = Checkpoint(source.config, source.checkpoint_dir)
-        else:
-            from llmtrt.exporter.weights import load_model
-
-            model = load_model(source)
-            self._state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-
-    def get(self, name: str) -> np.ndarray:
-        """One checkpoint tensor; ``a+b+...`` (a fused weight): the tensors concatenated along axis 0."""
-        if "+" in name:
-            return np.concatenate([self.get(part) for part in name.split("+")], axis=0)
-        if self.source.config.tie_word_embeddings and name == "lm_head.weight":
-            name = "model.embed_tokens.weight"
-        if self._state is not None:
-            return self._state[name]
-        return np.concatenate([b.ravel() for b in self._checkpoint.fp32_blocks(name, transpose=False)]).reshape(
-            self._checkpoint.shapes[name])
 
 
 def source_of(name: str, config, fused: dict[str, list[str]] | None = None) -> tuple[str, bool] | None:
@@ -77,39 +51,14 @@ def source_of(name: str, config, fused: dict[str, list[str]] | None = None) -> t
     return None
 
 
-def read_initializer(tensor, base_dir: Path) -> np.ndarray:
-    """One initializer's values as float32 (bf16 widened exactly), external data read for it alone."""
-    from onnx import TensorProto, numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-    t = TensorProto()
-    t.CopyFrom(tensor)
-    if uses_external_data(t):
-        load_external_data_for_tensor(t, str(base_dir))
-    if t.data_type == TensorProto.BFLOAT16:
-        raw = np.frombuffer(t.raw_data, dtype=np.uint16) if t.raw_data else np.asarray(t.int32_data, np.uint16)
-        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(tuple(t.dims))
-    return numpy_helper.to_array(t)
-
-
-def _rounded(value: np.ndarray, data_type: int) -> np.ndarray:
-    """The source value as the graph's type stores it (fp32 exact, fp16 with clamping, bf16 RNE)."""
-    if data_type == 10:
-        return np.clip(value, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
-    if data_type == 16:
-        bits = value.astype(np.float32).view(np.uint32).astype(np.uint64)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32) << 16
-        return rounded.view(np.float32)
-    return value.astype(np.float32)
-
-
 def check_weights(graph, base_dir: Path, manifest: dict[str, Any], source) -> list[Finding]:
     """Findings for the weights: one per mismatching tensor, plus one summary finding."""
     sources = SourceTensors(source)
     config = source.config
     weight_map = manifest.get("weight_map") or {}
-    mapped = _quantized_findings(graph, base_dir, weight_map, sources) if weight_map else []
-    covered = {name for entry in weight_map.values() for name in entry.get("initializers", [])}
+    linears = weight_map.get("linears") or {}
+    mapped = _quantized_findings(graph, base_dir, linears, sources) if linears else []
+    covered = covered_initializers(weight_map)
     findings, checked, largest = [], 0, 0.0
     for tensor in graph.graph.initializer:
         if tensor.name in covered or tensor.data_type not in _FLOATS:
@@ -123,7 +72,7 @@ def check_weights(graph, base_dir: Path, manifest: dict[str, Any], source) -> li
         name, transposed = where
         have = read_initializer(tensor, base_dir)
         want = sources.get(name)
-        want = _rounded(want.T if transposed else want, tensor.data_type)
+        want = rounded(want.T if transposed else want, tensor.data_type)
         checked += 1
         if have.shape != want.shape:
             findings.append(Finding("weights", tensor.name, False, f"shape {have.shape}, source {name} gives "
@@ -136,16 +85,15 @@ def check_weights(graph, base_dir: Path, manifest: dict[str, Any], source) -> li
             findings.append(Finding("weights", tensor.name, False, f"differs from {name}"
                                     f"{'^T' if transposed else ''} of the source checkpoint by up to {diff:.3g} "
                                     f"(at {tuple(int(i) for i in row)})", diff))
-    checked += len(weight_map)
+    checked += len(linears)
+    largest = max([largest, *(f.max_abs_diff for f in mapped if f.max_abs_diff is not None)])
     summary = Finding("weights", f"{checked} tensors", not findings and all(mapped),
                       f"every weight equals its source ({'exactly' if not weight_map else 'within its quantization'})"
                       if not findings and all(mapped) else "weights differ from the source checkpoint", largest)
     return [summary, *findings, *[f for f in mapped if not f]]
 
 
-def _quantized_findings(graph, base_dir: Path, weight_map: dict[str, Any], sources: SourceTensors) -> list[Finding]:
-    """Quantized linears against their smoothed source (see the precision step's weight map)."""
-    from llmtrt.pipelines.checks.weight_map import check_linear
-
+def _quantized_findings(graph, base_dir: Path, linears: dict[str, Any], sources: SourceTensors) -> list[Finding]:
+    """The weight map's linears against their (smoothed) source (see checks/weight_map.py)."""
     inits = {t.name: t for t in graph.graph.initializer}
-    return [check_linear(module, entry, inits, base_dir, sources) for module, entry in weight_map.items()]
+    return [check_linear(module, entry, inits, base_dir, sources) for module, entry in linears.items()]
