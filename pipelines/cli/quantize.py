@@ -99,11 +99,10 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
                                calib_rows=calib_rows, observer=observer, alpha=alpha, block_size=block_size,
                                kv_cache_io=kv_cache_io, quantize_lm_head=quantize_lm_head, progress=not as_json,
                                **kwargs)
-    if not as_json:
-        click.echo(f"quantizing {export_dir} to {precision}", err=True)
     t0 = time.perf_counter()
-    try:
-        out = run(export_dir, out_dir, precision, options)
+    try:  # the inputs are checked before the first line of progress
+        out = run(export_dir, out_dir, precision, options, started=None if as_json else lambda: click.echo(
+            f"quantizing {export_dir} to {precision}", err=True))
     except PrecisionContradiction as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONTRADICTION)

@@ -243,17 +243,21 @@ class _Inputs:
 
 
 def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
-             options: PrecisionOptions = PrecisionOptions()) -> Path:  # noqa: B008 (frozen, immutable)
+             options: PrecisionOptions = PrecisionOptions(),  # noqa: B008 (frozen, immutable)
+             started: Callable[[], None] | None = None) -> Path:
     """Rewrite the fp32 export in ``src_dir`` to ``precision``; writes out_dir/model.onnx (+ data) and
     manifest.json. Returns ``out_dir``. Calibrated precisions also leave calibration_cache.json (+ rows),
     reused next time when the source graph, text, tokenizer, samples, length and rows are unchanged.
-    Raises LlmtrtUserError on bad input (before any heavy work) and PrecisionContradiction when the
-    written graph is not what was asked for; ``out_dir`` is then left as it was."""
+    Raises LlmtrtUserError on bad input (before any heavy work; ``started`` is called once the inputs
+    passed their checks) and PrecisionContradiction when the written graph is not what was asked for;
+    ``out_dir`` is then left as it was."""
     from llmtrt.exporter.files import artifact_dir
     from llmtrt.pipelines.precision.calibration import CACHE_FILE, ROWS_FILE
 
     t0 = time.perf_counter()
     inputs = _check(Path(src_dir), Path(out_dir), precision, options)
+    if started is not None:
+        started()
     with artifact_dir(out_dir, carry=(CACHE_FILE, ROWS_FILE)) as tmp:
         _quantize_into(tmp, inputs, options, t0)
     return Path(out_dir)
