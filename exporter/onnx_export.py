@@ -56,7 +56,7 @@ class ExportOptions:
         if opset > dialects.MAX_OPSET:
             raise LlmtrtUserError(f"--opset {opset} is newer than the installed onnx supports ({dialects.MAX_OPSET})")
         if self.max_positions is not None and self.max_positions < 1:
-            raise LlmtrtUserError(f"--max-seq must be a positive integer, got {self.max_positions}")
+            raise LlmtrtUserError(f"--max-positions must be a positive integer, got {self.max_positions}")
         if self.logits not in LOGITS:
             raise LlmtrtUserError(f"--logits {self.logits!r} is not one of {', '.join(LOGITS)}")
         return opset

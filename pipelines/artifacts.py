@@ -28,12 +28,12 @@ from llmtrt.exporter.iospec import IOSpec
 from llmtrt.exporter.onnx_export import ExportedModel, ExportOptions
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the op set is `ops` (was `dialect`), as on the command line
 _LIBRARIES = ("llmtrt", "torch", "onnx", "onnxscript", "onnxruntime", "polygraphy",
               "tensorrt", "tensorrt_rtx_cu13_bindings", "transformers")
 # field -> type every ONNX artifact manifest must have
 _REQUIRED = {"schema_version": int, "kind": str, "model_source": str, "onnx": str, "onnx_sha256": str,
-             "dialect": str, "kv_cache": str, "opset": int, "precision": str, "config": dict, "io": dict}
+             "ops": str, "kv_cache": str, "opset": int, "precision": str, "config": dict, "io": dict}
 _FINGERPRINTED = (".json", ".safetensors")
 _NOT_FINGERPRINTED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -172,7 +172,7 @@ def write_export_manifest(exported: ExportedModel, source: ModelSource | dict[st
         **origin,
         "onnx": exported.onnx_path.name,
         "onnx_sha256": onnx_sha256(exported.onnx_path),
-        "dialect": exported.dialect,
+        "ops": exported.dialect,
         "kv_cache": exported.kv_cache,
         "opset": exported.opset,
         "precision": "fp32",
@@ -240,6 +240,8 @@ def read_manifest(directory: str | Path, required: dict[str, type] | None = None
         raise LlmtrtUserError(f"{path}: cannot read it ({exc.strerror})") from None
     if not isinstance(raw, dict):
         raise LlmtrtUserError(f"{path}: corrupt manifest (not a JSON object); re-run the stage that wrote it")
+    if raw.get("schema_version") == 2 and "dialect" in raw and "ops" not in raw:  # written before the rename
+        raw["ops"] = raw.pop("dialect")
     for key, kind in (required if required is not None else _REQUIRED).items():
         if key not in raw:
             raise LlmtrtUserError(f"{path}: field {key!r} is missing; re-run the stage that wrote it")
@@ -273,5 +275,5 @@ def load_exported(directory: str | Path, manifest: dict[str, Any] | None = None)
     if not onnx_path.is_file():
         raise LlmtrtUserError(f"{onnx_path}: listed in {MANIFEST} but missing; re-run the stage that wrote it")
     load_graph(onnx_path)  # a truncated or foreign file fails here, once, as a user error
-    return ExportedModel(onnx_path, config, io, raw["dialect"], raw["opset"], raw.get("stats", {}), raw["kv_cache"],
+    return ExportedModel(onnx_path, config, io, raw["ops"], raw["opset"], raw.get("stats", {}), raw["kv_cache"],
                          fused, logits)

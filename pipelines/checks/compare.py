@@ -251,6 +251,9 @@ def compare_artifacts(artifacts: Mapping[str, str | Path], eval_text: str | Path
     for name, d in artifacts.items():
         if name != REFERENCE:
             runners[name] = open_runner(d)
+            if getattr(runners[name], "bf16_emulated", False):
+                notes.append(f"{name}: ONNX Runtime CPU has no bf16 kernels; scored through its fp32 emulation "
+                             "(bf16 weights and bf16-rounded results, fp32 arithmetic: what a GPU computes)")
     wins = windows(tokens, seq_len, bos_id)
     say(f"scoring {len(runners)} runners ({', '.join(runners)}) on {len(tokens)} tokens in {len(wins)} windows "
         f"of {seq_len}")

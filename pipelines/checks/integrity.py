@@ -119,18 +119,22 @@ def graph_facts(graph, config, io) -> list[Finding]:
 
 
 def _epsilons(graph) -> list[float]:
-    """Every RMSNorm epsilon: node attributes, or the Constant added to ReduceMean(x^2) when inlined."""
+    """Every RMSNorm epsilon: node attributes, or the constant (a Constant node or a scalar initializer)
+    added to ReduceMean(x^2) when inlined."""
     from onnx import numpy_helper
 
     found = [a.f for n in graph.graph.node if n.op_type in ("RMSNorm", "RMSNormalization")
              for a in n.attribute if a.name == "epsilon"]
     producers = {o: n for n in graph.graph.node for o in n.output}
+    scalars = {t.name: t for t in graph.graph.initializer if not t.dims and not t.external_data}
     for n in graph.graph.node:
         if n.op_type == "Add" and getattr(producers.get(n.input[0]), "op_type", "") == "ReduceMean":
             const = producers.get(n.input[1])
             if const is not None and const.op_type == "Constant" and const.attribute:
                 attr = const.attribute[0]
                 found.append(attr.f if attr.name == "value_float" else float(numpy_helper.to_array(attr.t)))
+            elif n.input[1] in scalars:
+                found.append(float(numpy_helper.to_array(scalars[n.input[1]])))
     return found
 
 
@@ -148,9 +152,9 @@ def _precision_findings(graph, manifest: dict[str, Any]) -> list[Finding]:
     problem = found.contradicts(manifest["precision"])
     findings = [Finding("precision", manifest["precision"], problem is None,
                         problem or f"the graph is {manifest['precision']}: {found.summary()}")]
-    recorded = manifest.get("inventory")
+    recorded = manifest.get("precision_inventory")
     if recorded is not None:
-        same = recorded.get("shares") == found.to_dict().get("shares")
+        same = inv.Inventory.from_dict(recorded) == found
         findings.append(Finding("precision", "manifest inventory", same, "the manifest's inventory is the graph's"
                                 if same else "the manifest's precision inventory differs from the graph's"))
     return findings

@@ -152,7 +152,7 @@ def _prepare(artifact_dir: Path, options: ValidateOptions) -> _Setup:
     total = Batch.left_padded(prompts).width + steps
     if total > rope_rows:
         raise LlmtrtUserError(f"{exported.onnx_path}: {total} tokens (prompt + --decode-steps) exceed the graph's "
-                              f"{rope_rows} positions; shorten the prompt or re-export with a larger --max-seq")
+                              f"{rope_rows} positions; shorten the prompt or re-export with a larger --max-positions")
     if options.prompt is not None:
         decode_tokens = greedy_tokens(reference, prompts, steps)
     return _Setup(artifact_dir, manifest, exported, get_layout(exported.kv_cache), tol, tokenizer, prompts,

@@ -102,7 +102,7 @@ def main() -> None:
                    "standard: opset-23 RMSNormalization/RotaryEmbedding/Attention; "
                    "decomposed: primitive ops only (opset >= 17) for old runtimes.")
 @click.option("--opset", type=int, default=None, help="Default-domain opset (default: 18 custom, 23 standard, 17 decomposed).")
-@click.option("--max-seq", "max_positions", type=int, default=None,
+@click.option("--max-positions", "max_positions", type=int, default=None,
               help="Longest sequence (past + new tokens) the graph supports; sizes the rotary tables. "
                    "Default: the model's max_position_embeddings.")
 @click.option("--kv-cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
@@ -157,7 +157,7 @@ def export(model_spec: str, out_dir: str, dialect: str, opset: int | None, max_p
     exported = export_artifact(source, out_dir, options)
     stats = {**exported.stats, "total_seconds": round(time.perf_counter() - t0, 3)}
     manifest = exported.onnx_path.parent / MANIFEST
-    summary = {"onnx": str(exported.onnx_path), "manifest": str(manifest), "dialect": dialect,
+    summary = {"onnx": str(exported.onnx_path), "manifest": str(manifest), "ops": dialect,
                "kv_cache": kv_cache, "opset": exported.opset, "logits": logits, "fused": len(exported.fused), **stats}
     if as_json:
         click.echo(json.dumps(summary, indent=2))

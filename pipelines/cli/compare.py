@@ -25,7 +25,7 @@ def _split(value: str | None) -> list[str]:
 @click.option("--model", "model_spec", metavar="PRESET|DIR",
               help="Export this model to fp32 ONNX, quantize it to each --precisions and compare them "
                    "(a preset such as bytes-llama, or an HF checkpoint directory).")
-@click.option("--precisions", default="fp32,fp16,int8-sq,int8-wo,int4-awq", show_default=True,
+@click.option("--precisions", default="fp32,fp16,bf16,int8-sq,int8-wo,int4-awq", show_default=True,
               help="With --model: comma-separated precisions; fp32 is always included as the reference. "
                    "Names: fp32 and those of `llmtrt quantize` (fp16, bf16, int8-sq, int8-wo, int4-awq, int4-rtn).")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=None,

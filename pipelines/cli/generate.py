@@ -120,7 +120,7 @@ def _print_result(result, runner, prompt: str, sampling, *, chat: bool, stream: 
         click.echo(result.texts[0] if chat else result.prompt_texts[0] + result.texts[0])
     if reason == "max_positions":
         click.echo(f"stopped after {s.new_tokens} new tokens: prompt + output fill the {runner.max_positions} "
-                   "positions the artifact holds (re-export with a larger --max-seq for longer output)", err=True)
+                   "positions the artifact holds (re-export with a larger --max-positions for longer output)", err=True)
     elif reason == "eos":
         click.echo(f"stopped at the end-of-sequence token after {s.new_tokens} new tokens", err=True)
     click.echo(f"prefill: {s.prompt_tokens} tokens in {s.prefill_ms:.1f} ms ({s.prefill_tokens_per_s:.0f} tokens/s); "

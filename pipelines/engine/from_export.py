@@ -145,7 +145,7 @@ def build_from_export(export_dir: str | Path, out_dir: str | Path, *, precision:
         del model
         extra = {
             "export": {"dir": str(export_dir.resolve()), "model_source": raw.get("model_source"),
-                       "config_name": exported.config.name, "dialect": exported.dialect, "opset": exported.opset,
+                       "config_name": exported.config.name, "ops": exported.dialect, "opset": exported.opset,
                        "kv_cache": exported.kv_cache, "precision": raw.get("precision", "fp32"),
                        "onnx_sha256": raw["onnx_sha256"]},
             "kv_cache": exported.kv_cache,

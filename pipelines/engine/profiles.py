@@ -86,7 +86,7 @@ def validate_profile(profile: Profile, max_positions: int | None = None) -> None
         raise LlmtrtUserError(
             f"profile {profile.name!r}: past max ({profile.past.max}) + seq max ({profile.seq.max}) = "
             f"{profile.total.max} exceeds the model's max_position_embeddings ({max_positions}); "
-            "lower --max-kv / --max-prompt or export with a larger --max-seq")
+            "lower --max-kv / --max-prompt or export with a larger --max-positions")
 
 
 def _validate_static(profile: Profile, max_positions: int | None) -> None:
@@ -100,7 +100,7 @@ def _validate_static(profile: Profile, max_positions: int | None) -> None:
     if max_positions is not None and cache > max_positions:
         raise LlmtrtUserError(
             f"profile {profile.name!r}: max_cache_length {cache} exceeds the model's max positions "
-            f"({max_positions}, the rotary table length); lower --max-kv or export with a larger --max-seq")
+            f"({max_positions}, the rotary table length); lower --max-kv or export with a larger --max-positions")
 
 
 def validate_profiles(profiles: Sequence[Profile], max_positions: int | None = None) -> None:

@@ -75,9 +75,9 @@ class PipelineConfig:
     model: str
     name: str = "pipeline"
     seed: int = 0
-    dialect: str = field(default="custom", metadata={"choices": ("custom", "standard", "decomposed")})
+    ops: str = field(default="custom", metadata={"choices": ("custom", "standard", "decomposed")})
     kv_cache: str = field(default="dynamic", metadata={"choices": ("dynamic", "static")})
-    max_seq: int | None = None
+    max_positions: int | None = None
     precisions: list[str] = field(default_factory=lambda: ["fp32"], metadata={"choices": PRECISIONS})
     calibration: Calibration = field(default_factory=Calibration)
     evaluation: Evaluation = field(default_factory=Evaluation)
@@ -144,15 +144,15 @@ def target_problems(config: PipelineConfig, target: Target) -> list[str]:
         problems.append(f"lower: plugin needs llmtrt's Python plugins (tensorrt.plugin with AOT kernels, TensorRT "
                         f">= 10.9), which {release} does not have: use lower: native (ops its parser lacks are "
                         "inlined from their ONNX functions) or lower: inline")
-    if config.dialect == "standard":
+    if config.ops == "standard":
         needed = set(_STANDARD_OPS) | ({"TensorScatter"} if config.kv_cache == "static" else set())
         missing = sorted(needed - caps.native_ops)
         if missing:
-            problems.append(f"dialect: standard needs native {', '.join(missing)} importers, which {release}'s "
-                            "ONNX parser lacks (standard ops have no function body to inline): use dialect: custom "
+            problems.append(f"ops: standard needs native {', '.join(missing)} importers, which {release}'s "
+                            "ONNX parser lacks (standard ops have no function body to inline): use ops: custom "
                             "with lower: native or inline")
         elif target.lower != "native":
-            problems.append("dialect: standard graphs have nothing to inline or route to plugins: use lower: native")
+            problems.append("ops: standard graphs have nothing to inline or route to plugins: use lower: native")
     bad = [p for p in target.precisions or config.precisions if ENGINE_PRECISION[p] not in caps.precisions]
     if bad:
         problems.append(f"precisions {', '.join(bad)}: {release} builds {', '.join(sorted(caps.precisions))} "

@@ -58,11 +58,11 @@ def plan(config: PipelineConfig, out_dir: str | Path, config_path: Path | None =
 
     check_targets(config, config_path)
     out = Path(out_dir)
-    export_dir = out / "onnx" / (config.dialect + ("-static" if config.kv_cache == "static" else ""))
+    export_dir = out / "onnx" / (config.ops + ("-static" if config.kv_cache == "static" else ""))
     artifact = {"fp32": export_dir}
     result = [Stage("export", "export", export_dir, [], {
         "model": config.model, "model_hash": source_fingerprint(resolve_model(config.model, seed=config.seed)),
-        "seed": config.seed, "dialect": config.dialect, "kv_cache": config.kv_cache, "max_seq": config.max_seq,
+        "seed": config.seed, "ops": config.ops, "kv_cache": config.kv_cache, "max_positions": config.max_positions,
     }, stages.export)]
     calib = resolve_path(config.calibration.text, config_path)
     for precision in config.precisions[1:] if config.precisions[0] == "fp32" else config.precisions:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from llmtrt.exporter.files import write_json_atomically
 from llmtrt.pipelines.errors import LlmtrtUserError
 from llmtrt.pipelines.pipeline.config import RECORD, STAGE_KINDS, PipelineConfig, Stage
 from llmtrt.pipelines.pipeline.plan import plan
+from llmtrt.pipelines.progress import Progress
 
 
 def _version() -> str:
@@ -43,28 +43,6 @@ def _read_record(stage: Stage) -> dict[str, Any] | None:
         return None
 
 
-class Progress:
-    """Plain progress lines on stderr; on a terminal, a live line for the running stage."""
-
-    def __init__(self, total: int, quiet: bool = False) -> None:
-        self.total, self.quiet, self.index = total, quiet, 0
-        self.tty = sys.stderr.isatty()
-
-    def start(self, stage: Stage) -> None:
-        self.index += 1
-        if self.quiet:
-            return
-        text = f"[{self.index}/{self.total}] {stage.name} ..."
-        print(text, end="\r" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def done(self, stage: Stage, status: str, seconds: float, note: str = "") -> None:
-        if self.quiet:
-            return
-        clear = "\x1b[2K" if self.tty else ""
-        print(f"{clear}[{self.index}/{self.total}] {stage.name}: {status} ({seconds:.1f} s){note}", file=sys.stderr,
-              flush=True)
-
-
 def run(config: PipelineConfig, out_dir: str | Path, *, only: Sequence[str] = (), force: bool = False,
         quiet: bool = False, config_path: Path | None = None) -> dict[str, Any]:
     """Run the plan; returns the summary that report.json holds. Stages of other kinds than ``only``
@@ -77,16 +55,16 @@ def run(config: PipelineConfig, out_dir: str | Path, *, only: Sequence[str] = ()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = plan(config, out, config_path)
-    progress = Progress(len(steps) + 1, quiet)
+    progress = Progress("pipeline", len(steps) + 1, quiet=quiet)
     results = []
     t0 = time.perf_counter()
     for stage in steps:
-        progress.start(stage)
+        progress.start(stage.name)
         key = stage_key(stage)
         record = _read_record(stage)
         selected = not only or stage.kind in only
         if record is not None and record.get("key") == key and not (force and selected):
-            progress.done(stage, "cached", 0.0, " - inputs unchanged, skipped")
+            progress.done(stage.name, "cached", 0.0, " - inputs unchanged, skipped")
             results.append({**record, "status": "cached"})
             continue
         if not selected:
@@ -101,11 +79,11 @@ def run(config: PipelineConfig, out_dir: str | Path, *, only: Sequence[str] = ()
                   "seconds": seconds, "summary": summary, "passed": summary.get("passed", True)}
         write_json_atomically(stage.out_dir / RECORD, record)
         verdict = "" if record["passed"] else " - FAILED its gate"
-        progress.done(stage, "done", seconds, verdict)
+        progress.done(stage.name, "done", seconds, verdict)
         results.append({**record, "status": "ran"})
     report_stage = Stage("report", "report", out / "reports", [], {}, stages.report)
-    progress.start(report_stage)
+    progress.start(report_stage.name)
     t = time.perf_counter()
     summary = stages.report(config, out, results, round(time.perf_counter() - t0, 3))
-    progress.done(report_stage, "done", time.perf_counter() - t, f" - {summary['report_md']}")
+    progress.done(report_stage.name, "done", time.perf_counter() - t, f" - {summary['report_md']}")
     return summary

@@ -27,7 +27,7 @@ def export(stage: Stage) -> dict[str, Any]:
     from llmtrt.pipelines.artifacts import MANIFEST, export_artifact
 
     o = stage.options
-    options = ExportOptions(dialect=o["dialect"], kv_cache=o["kv_cache"], max_positions=o["max_seq"])
+    options = ExportOptions(dialect=o["ops"], kv_cache=o["kv_cache"], max_positions=o["max_positions"])
     exported = export_artifact(resolve_model(o["model"], seed=o["seed"]), stage.out_dir, options)
     manifest = exported.onnx_path.parent / MANIFEST
     return {"onnx": str(exported.onnx_path), "manifest": str(manifest), "opset": exported.opset,
@@ -89,7 +89,7 @@ def report(config: PipelineConfig, out: Path, results: list[dict[str, Any]], sec
                "report_md": str(reports / "report.md"), "report_json": str(reports / "report.json")}
     write_json_atomically(reports / "report.json", summary)
     lines = [f"# llmtrt pipeline report: {config.name}", "",
-             f"Model `{config.model}`, dialect `{config.dialect}`, KV cache `{config.kv_cache}`. "
+             f"Model `{config.model}`, ops `{config.ops}`, KV cache `{config.kv_cache}`. "
              f"Overall: **{'PASS' if passed else 'FAIL'}** in {seconds:.1f} s.", "",
              "| stage | status | seconds | gate | details |", "|---|---|---|---|---|"]
     for r in results:

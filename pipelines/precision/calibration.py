@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -103,28 +102,6 @@ def prefill_feeds(layout, config, ids: np.ndarray) -> dict[str, np.ndarray]:
         for kind in ("key", "value"):
             feeds[f"past_key_values.{i}.{kind}"] = np.zeros(shape, dtype=np.float32)
     return feeds
-
-
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, one plain line per step otherwise."""
-
-    def __init__(self, label: str, total: int, stream=None, unit: str = "windows") -> None:
-        self.label, self.total, self.stream, self.unit = label, total, stream or sys.stderr, unit
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-
-    def update(self, done: int, note: str = "") -> None:
-        elapsed = time.perf_counter() - self.t0
-        if self.tty:
-            width = 30
-            filled = int(width * done / self.total)
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                              f"{elapsed:.1f}s {note}")
-            if done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"{self.label}: {done}/{self.total} {self.unit} ({elapsed:.1f} s){' ' + note if note else ''}\n")
-        self.stream.flush()
 
 
 # --------------------------------------------------------------------------------------------

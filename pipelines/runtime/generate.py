@@ -135,7 +135,7 @@ def generate_ids(runner: DecoderRunner, prompts: Sequence[Sequence[int]], *, max
     width = batch.input_ids.shape[1]
     if width > runner.max_positions:
         raise LlmtrtUserError(f"the prompt is {width} tokens but {runner.description} holds {runner.max_positions} "
-                              "positions; shorten the prompt or re-export with a larger --max-seq")
+                              "positions; shorten the prompt or re-export with a larger --max-positions")
     # the last chosen token is never fed back, so a full cache still yields one more token
     budget = min(max_new_tokens, runner.max_positions - width + 1)
     capacity = min(runner.max_positions, width + budget - 1)

@@ -55,7 +55,7 @@ class DecoderRunner(BaseRunner):
         capacity = self.fixed_cache_length or capacity or self.max_positions
         if capacity > self.max_positions:
             raise LlmtrtUserError(f"{capacity} positions exceed the {self.max_positions} that {self.description} "
-                                  "holds; shorten the prompt or output, or re-export with a larger --max-seq")
+                                  "holds; shorten the prompt or output, or re-export with a larger --max-positions")
         shape = self.layout.cache_shape(self.config, batch, capacity)
         tensors = [self._alloc(shape) for _ in range(2 * self.config.num_hidden_layers)]
         return CacheState(tensors, np.zeros((batch, 0), dtype=np.int64), capacity)
@@ -201,6 +201,17 @@ def ort_session(onnx_path: str | Path, *, provider: str = "cpu", threads: int | 
         raise LlmtrtUserError(f"{onnx_path}: ONNX Runtime cannot load it ({reason})") from None
 
 
+def _is_bf16_artifact(onnx_path: Path) -> bool:
+    """The manifest beside the graph says precision bf16."""
+    import json
+
+    try:
+        manifest = json.loads((onnx_path.parent / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("precision") == "bf16"
+
+
 class OnnxRuntimeRunner(DecoderRunner):
     """An exported (or precision-converted) ONNX graph in ONNX Runtime."""
 
@@ -218,7 +229,10 @@ class OnnxRuntimeRunner(DecoderRunner):
         super().__init__(config, layout, max_positions, name,
                          f"ONNX Runtime {ort.__version__} {provider} ({self.onnx_path}{label}, {layout.name} cache)")
         self.provider, self.threads = provider, threads
-        self._factory = session_factory or (lambda: ort_session(self.onnx_path, provider=provider, threads=threads))
+        self.bf16_emulated = session_factory is None and provider == "cpu" and _is_bf16_artifact(self.onnx_path)
+        if self.bf16_emulated:
+            self.description += "; bf16 emulated: bf16 storage, fp32 arithmetic, every bf16 result rounded"
+        self._factory = session_factory or self._open
         self.session = None
         self._types: dict[str, Any] = {}
 
@@ -230,6 +244,19 @@ class OnnxRuntimeRunner(DecoderRunner):
         exported = load_exported(directory)
         return cls(exported.onnx_path, exported.config, exported.kv_cache,
                    label=f", {exported.dialect} ops", **kwargs)
+
+    def _open(self) -> Any:
+        """ONNX Runtime CPU has no bf16 kernels: a bf16 graph runs as its fp32 emulation (what a GPU
+        computes: bf16 storage, fp32 arithmetic, results rounded to bf16; precision/bf16_emulation.py)."""
+        if not self.bf16_emulated:
+            return ort_session(self.onnx_path, provider=self.provider, threads=self.threads)
+        import onnx
+
+        from llmtrt.pipelines.precision.bf16_emulation import emulate_bf16
+
+        model = emulate_bf16(onnx.load(str(self.onnx_path), load_external_data=False), str(self.onnx_path.parent))
+        return ort_session(self.onnx_path, provider=self.provider, threads=self.threads,
+                           model_bytes=model.SerializeToString())
 
     def activate_impl(self) -> None:
         self.session = self._factory()

@@ -141,7 +141,7 @@ def test_manifest_round_trip(exported):
 
     path = write_export_manifest(exported, resolve_model("tiny"))
     raw = json.loads(path.read_text())
-    assert raw["dialect"] == exported.dialect and len(raw["onnx_sha256"]) == 64
+    assert raw["ops"] == exported.dialect and len(raw["onnx_sha256"]) == 64
     assert "torch" in raw["versions"] and "onnx" in raw["versions"]
     again = load_exported(path.parent)
     assert again.config == exported.config and again.io == exported.io

@@ -100,3 +100,27 @@ def test_emulated_bf16_matches_pytorch_bf16(dialect, tmp_path):
     assert np.mean(emulated[live].argmax(-1) == reference[live].argmax(-1)) >= 0.98
     unrounded = _run_onnx(_without_rounding(emulate_bf16(bf16)), ids, mask)
     assert gap(unrounded) > 0.75 * gap(fp32)  # the check fails on an emulation that does not round
+
+
+def test_runner_runs_a_bf16_artifact_through_the_emulation(tmp_path):
+    """validate, compare and generate open a bf16 artifact through OnnxRuntimeRunner: on CPU it runs the
+    emulation (bf16-rounded results, not a silent fp32 run) and says so in its description."""
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.pipelines.artifacts import export_artifact
+    from llmtrt.pipelines.runtime.decoding import Batch, forward
+    from llmtrt.pipelines.runtime.runners import OnnxRuntimeRunner
+
+    export_artifact(resolve_model("bytes-llama"), tmp_path / "fp32", ExportOptions())
+    quantize(tmp_path / "fp32", tmp_path / "bf16", "bf16", PrecisionOptions(progress=False))
+    ids = _ids(2, 32)
+    batch = Batch.left_padded(ids.tolist())
+    with OnnxRuntimeRunner.from_artifact(tmp_path / "bf16") as runner, \
+            OnnxRuntimeRunner.from_artifact(tmp_path / "fp32") as reference:
+        assert runner.bf16_emulated and "bf16 emulated" in runner.description
+        assert not reference.bf16_emulated
+        got, want = forward(runner, batch), forward(reference, batch)
+    assert np.isfinite(got).all() and not np.array_equal(got, want)
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.95
+    emulated = _run_onnx(emulate_bf16(onnx.load(str(tmp_path / "bf16" / "model.onnx"))), ids, np.ones_like(ids))
+    assert np.abs(got - emulated).max() <= 1e-3 * np.abs(emulated).max()  # the same emulated graph

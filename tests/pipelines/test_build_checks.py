@@ -28,7 +28,7 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("export") / "tiny"
-    result = invoke("export", "--model", "tiny", "--out", str(out), "--max-seq", str(MAX_SEQ), "--json")
+    result = invoke("export", "--model", "tiny", "--out", str(out), "--max-positions", str(MAX_SEQ), "--json")
     assert result.exit_code == 0, result.output
     return str(out)
 

@@ -49,7 +49,7 @@ def test_export_json(tmp_path):
     res = CliRunner().invoke(main, ["export", "--model", "tiny", "--out", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
-    assert summary["dialect"] == "custom" and summary["opset"] == 18
+    assert summary["ops"] == "custom" and summary["opset"] == 18
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "manifest.json").is_file()
     assert summary["peak_rss_bytes"] > 0
 
@@ -72,7 +72,7 @@ def test_export_logits_and_fusion_options(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-preset"], "no such directory or preset"),
     (["--model", "tiny", "--ops", "standard", "--opset", "18"], "needs opset >= 23"),
-    (["--model", "tiny", "--max-seq", "0"], "--max-seq must be a positive integer"),
+    (["--model", "tiny", "--max-positions", "0"], "--max-positions must be a positive integer"),
 ])
 def test_export_user_errors(tmp_path, args, message):
     res = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "o"), *args])

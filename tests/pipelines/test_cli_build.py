@@ -43,7 +43,7 @@ def exports(tmp_path_factory):
         if (dialect, kv_cache) not in cache:
             out = root / f"{dialect}-{kv_cache}"
             result = invoke("export", "--model", "tiny", "--out", str(out), "--ops", dialect, "--kv-cache", kv_cache,
-                            "--max-seq", str(MAX_SEQ), "--json")
+                            "--max-positions", str(MAX_SEQ), "--json")
             assert result.exit_code == 0, result.output
             cache[dialect, kv_cache] = str(out)
         return cache[dialect, kv_cache]

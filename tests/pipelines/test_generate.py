@@ -172,7 +172,7 @@ def test_stops_when_the_graph_positions_run_out(artifacts, reference, torch_runn
     assert len(result.tokens[0]) == 7  # 90 prompt + 6 fed tokens fill 96 positions; the 7th is never fed
     assert result.tokens[0] == generate_ids(torch_runner, [prompt], max_new_tokens=7).tokens[0]
     res = CliRunner().invoke(main, ["generate", str(artifacts["static"]), "--prompt", "x" * 100])
-    assert res.exit_code == 2 and "--max-seq" in res.stderr
+    assert res.exit_code == 2 and "--max-positions" in res.stderr
 
 
 def test_bad_artifacts_exit_2(tmp_path, artifacts):

@@ -81,7 +81,7 @@ def test_plan_orders_stages_and_lays_out_the_tree(tmp_path):
 
 def test_export_stage_is_cached_and_forced(tmp_path):
     config = tmp_path / "p.yaml"
-    config.write_text("name: t\nmodel: tiny\nmax_seq: 64\n")
+    config.write_text("name: t\nmodel: tiny\nmax_positions: 64\n")
     runner = CliRunner()
     args = ["pipeline", "run", str(config), "--out", str(tmp_path / "out"), "--only", "export"]
     first = runner.invoke(main, args)
@@ -92,14 +92,14 @@ def test_export_stage_is_cached_and_forced(tmp_path):
     assert "export: cached" in second.output, second.output
     third = runner.invoke(main, [*args, "--force"])
     assert "export: done" in third.output, third.output
-    config.write_text("name: t\nmodel: tiny\nmax_seq: 32\n")  # changed option: runs again
+    config.write_text("name: t\nmodel: tiny\nmax_positions: 32\n")  # changed option: runs again
     fourth = runner.invoke(main, args)
     assert "export: done" in fourth.output, fourth.output
 
 
 def test_only_refuses_missing_upstream(tmp_path):
     config = tmp_path / "p.yaml"
-    config.write_text("name: t\nmodel: tiny\nmax_seq: 64\n")
+    config.write_text("name: t\nmodel: tiny\nmax_positions: 64\n")
     result = CliRunner().invoke(main, ["pipeline", "run", str(config), "--out", str(tmp_path), "--only", "compare"])
     assert result.exit_code == 2
     assert "no up-to-date result" in result.output

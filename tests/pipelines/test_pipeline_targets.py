@@ -53,7 +53,7 @@ def test_declared_capabilities_are_well_formed():
 
 JETSON = """
 model: tiny
-dialect: {dialect}
+ops: {dialect}
 kv_cache: {cache}
 precisions: [fp32, fp16]
 targets:
@@ -65,7 +65,7 @@ targets:
 
 @pytest.mark.parametrize("dialect, cache, lower, message", [
     ("custom", "dynamic", "plugin", "lower: plugin needs llmtrt's Python plugins"),
-    ("standard", "dynamic", "native", "dialect: standard needs native Attention, RMSNormalization, RotaryEmbedding"),
+    ("standard", "dynamic", "native", "ops: standard needs native Attention, RMSNormalization, RotaryEmbedding"),
     ("standard", "static", "native", "RotaryEmbedding, TensorScatter importers"),
 ])
 def test_configs_that_cannot_build_on_their_target_are_refused(tmp_path, dialect, cache, lower, message):

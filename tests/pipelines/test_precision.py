@@ -418,19 +418,19 @@ def test_int8_sq_observers_choose_activation_ranges(export_dir, artifacts, tmp_p
 def test_progress_bar_plain_lines_without_a_tty():
     import io
 
-    from llmtrt.pipelines.precision.calibration import Progress
+    from llmtrt.pipelines.progress import Progress
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
             return True
 
     plain = io.StringIO()
-    bar = Progress("calibrating", 2, plain)
+    bar = Progress("calibrating", 2, plain, unit="windows")
     bar.update(1)
     bar.update(2)
     assert plain.getvalue().splitlines()[0].startswith("calibrating: 1/2 windows")
     tty = Tty()
-    bar = Progress("calibrating", 2, tty)
+    bar = Progress("calibrating", 2, tty, unit="windows")
     bar.update(1)
     bar.update(2)
     assert tty.getvalue().startswith("\rcalibrating [") and tty.getvalue().endswith("\n") and "2/2" in tty.getvalue()
