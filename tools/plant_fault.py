@@ -229,12 +229,17 @@ def rmsnorm_eps_zero(model, manifest, base):
                 if a.name == "epsilon":
                     a.f = 0.0
                     count += 1
-    if not count:  # decomposed: Add(ReduceMean(x^2), eps) with eps a Constant
+    if not count:  # decomposed: Add(ReduceMean(x^2), eps) with eps a Constant or a scalar initializer
         producers = {o: n for n in model.graph.node for o in n.output}
+        scalars = {t.name: t for t in model.graph.initializer if not t.dims}
         for n in model.graph.node:
             if n.op_type == "Add" and producers.get(n.input[0], onnx.NodeProto()).op_type == "ReduceMean":
                 const = producers.get(n.input[1])
-                if const is not None and const.op_type == "Constant":
+                if n.input[1] in scalars:
+                    value = numpy_helper.to_array(scalars[n.input[1]])
+                    scalars[n.input[1]].CopyFrom(numpy_helper.from_array(np.zeros_like(value), n.input[1]))
+                    count += 1
+                elif const is not None and const.op_type == "Constant":
                     attr = const.attribute[0]
                     if attr.name == "value_float":
                         attr.f = 0.0
@@ -302,13 +307,52 @@ def plant(artifact: str | Path, name: str, out: str | Path) -> str:
     return done
 
 
+def catch_report(artifacts: list[Path], work: Path, layerwise: bool = False) -> list[dict]:
+    """Plant every fault in each artifact, validate it, and say what caught it (and, with ``layerwise``,
+    which node --layerwise names)."""
+    from llmtrt.pipelines.artifacts import read_manifest
+    from llmtrt.pipelines.checks.validate import ValidateOptions, validate
+
+    rows = []
+    for artifact in artifacts:
+        manifest = read_manifest(artifact)
+        label = f"{manifest['precision']} {manifest['dialect']}"
+        for name in FAULTS:
+            out = work / f"{artifact.name}-{name}"
+            plant(artifact, name, out)
+            report = validate(out, ValidateOptions(layerwise=layerwise))
+            failed = report.summary()["failed"]
+            kinds = sorted({f.split(":", 1)[0] for f in failed})
+            node = (report.layerwise or {}).get("first_jump") or {}
+            rows.append({"artifact": label, "fault": name, "caught": not report.passed, "by": kinds,
+                         "first_failure": failed[0] if failed else None, "layerwise_node": node.get("node")})
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.plant_fault", description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", nargs="?", help="a correct artifact directory (manifest.json + model.onnx)")
     parser.add_argument("--fault", choices=sorted(FAULTS))
     parser.add_argument("--out", help="where the faulty copy goes (replaced if present)")
     parser.add_argument("--list", action="store_true", help="list the faults")
+    parser.add_argument("--report", nargs="+", metavar="ARTIFACT",
+                        help="plant every fault in each ARTIFACT, validate, print what caught it (a table)")
+    parser.add_argument("--layerwise", action="store_true", help="with --report: also the node --layerwise names")
     args = parser.parse_args(argv)
+    if args.report:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="llmtrt-faults-") as tmp:
+            rows = catch_report([Path(a) for a in args.report], Path(tmp), args.layerwise)
+        print("| artifact | fault | caught | by | first failing check | --layerwise names |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['artifact']} | {r['fault']} | {'yes' if r['caught'] else '**NO**'} | {', '.join(r['by'])} "
+                  f"| {r['first_failure'] or '-'} | {r['layerwise_node'] or '-'} |")
+        caught = sum(r["caught"] for r in rows)
+        print(f"\ncatch rate: {caught}/{len(rows)} = {100 * caught / len(rows):.0f}%")
+        return 0 if caught == len(rows) else 1
     if args.list or not args.artifact:
         for name, (summary, _) in FAULTS.items():
             print(f"{name:<22} {summary}")

@@ -52,7 +52,8 @@ class ValidationReport:
                          f"{f['detail']}{diff}")
         lines += ["", head, "-" * len(head)]
         for r in self.outputs:
-            extra = "".join(f" {k}={r[k]:.5g}" for k in ("cosine_similarity", "top1_agreement") if k in r)
+            extra = "".join(f" {k}={r[k]:.5g}" for k in ("cosine_similarity", "top1_agreement",
+                                                           "top1_agreement_all_steps") if k in r)
             lines.append(f"{r['runner']:<22} {r['output']:<18} " + " ".join(
                 _num(r[k]) for k in ("max_absdiff", "mean_absdiff", "median_absdiff", "max_reldiff", "mean_reldiff",
                                      "median_reldiff")) + f"  {r['atol']:>7.1e} {r['rtol']:>7.1e}  "
