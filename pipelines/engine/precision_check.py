@@ -72,7 +72,16 @@ PRECISION_CHECKS = {
 
 
 def check_precision(model: onnx.ModelProto, precision: str) -> None:
-    """Raise a user error unless the graph really is ``precision`` (``int8-sq`` is checked as ``int8``)."""
+    """Raise a user error unless the graph really is ``precision`` (``int8-sq`` is checked as ``int8``):
+    first what kind of tensors it holds (with the `llmtrt quantize` command that would make it), then
+    the precision inventory of its linear layers, the same one `quantize` wrote and `validate` checks
+    (at least 90% of the linear FLOPs not kept on purpose in that precision)."""
+    from llmtrt.pipelines.precision.inventory import ACCEPTS, inventory
+
     problem = PRECISION_CHECKS[check_precision_name(precision)](graph_facts(model))
     if problem:
         raise LlmtrtUserError(problem)
+    if precision in ACCEPTS:
+        problem = inventory(model).contradicts(precision)
+        if problem:
+            raise LlmtrtUserError(f"--precision {precision}: the graph is not what it says: {problem}")

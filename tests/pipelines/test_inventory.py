@@ -105,3 +105,15 @@ def test_quantized_schemes_and_kept_linears():
     assert "kept: lm_head (kept)" in kept.summary()
     with pytest.raises(ValueError, match="unknown precision"):
         inv.contradicts("int3")
+
+
+def test_build_refuses_an_fp16_label_on_fp32_arithmetic(export_dir):
+    """The old false verdict: fp16 weights cast back to fp32 before every MatMul hold fp16 tensors, so a
+    check of 'is there fp16 in the graph' passes; build's --precision check reads the inventory and refuses."""
+    from llmtrt.pipelines.engine.precision_check import check_precision
+    from llmtrt.pipelines.errors import LlmtrtUserError
+
+    fake = _fp16_storage_fp32_compute(onnx.load(str(export_dir / "model.onnx")))
+    with pytest.raises(LlmtrtUserError, match=r"--precision fp16: the graph is not what it says: only 0\.0%"):
+        check_precision(fake, "fp16")
+    check_precision(onnx.load(str(export_dir / "model.onnx")), "fp32")
