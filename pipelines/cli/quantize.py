@@ -87,7 +87,7 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
       llmtrt quantize out/onnx --to fp16 --out out/fp16
       llmtrt quantize out/onnx --to int8-sq --out out/int8-sq --calib-text my_prompts.txt --alpha 0.6
       llmtrt quantize out/onnx --to int4-awq --out out/int4-awq --block-size 64
-      llmtrt build out/int4-awq --out out/engines/int4 --precision int4
+      llmtrt build out/int4-awq --out out/engines/int4          (an int4-awq engine)
     """
     from llmtrt.pipelines.artifacts import read_manifest
     from llmtrt.pipelines.precision.inventory import Inventory
@@ -125,5 +125,5 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
         click.echo(f"fp32 kept: {kept['name']} ({kept['reason']})")
     click.echo(inventory.summary())
     click.echo(f"wrote {summary['onnx']} ({precision}, opset {manifest['opset']}) in {summary['seconds']:.1f} s; "
-               f"build it with --precision {manifest['engine_precision']}")
+               f"build it with `llmtrt build {out} --out DIR` (a {precision} engine)")
 
