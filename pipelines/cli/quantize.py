@@ -125,5 +125,5 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
         click.echo(f"fp32 kept: {kept['name']} ({kept['reason']})")
     click.echo(inventory.summary())
     click.echo(f"wrote {summary['onnx']} ({precision}, opset {manifest['opset']}) in {summary['seconds']:.1f} s; "
-               f"build it with `llmtrt build {out} --out DIR` (a {precision} engine)")
+               f"build it with `llmtrt build {out} --out DIR` (engine precision {precision})")
 
