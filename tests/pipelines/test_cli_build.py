@@ -82,7 +82,7 @@ def test_build_tiny(exports, tmp_path, dialect, lower, kv_cache):
     assert mf["precision"] == summary["precision"] == "fp32"  # from the export manifest
     assert mf["backend"]["name"] == "tensorrt-rtx" and mf["target_compute_capabilities"] == ["SM89"]
     assert mf["onnx_sha256"] == export["onnx_sha256"] and mf["onnx"].endswith(f"{dialect}-{kv_cache}/model.onnx")
-    assert mf["export"] == {**mf["export"], "dialect": dialect, "kv_cache": kv_cache, "config_name": "tiny",
+    assert mf["export"] == {**mf["export"], "ops": dialect, "kv_cache": kv_cache, "config_name": "tiny",
                             "onnx_sha256": export["onnx_sha256"]}
     assert mf["lowering"]["mode"] == lower and (out / f"model.{lower}.onnx").is_file()
     assert mf["network"]["num_layers"] == summary["layers"] > 0
