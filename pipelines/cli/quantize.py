@@ -64,12 +64,15 @@ def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
                    "the lm_head stays fp16, as AutoAWQ and ModelOpt keep it; the logits output stays fp32.")
 @click.option("--kv-cache-io", type=click.Choice(["fp32", "half"]), default="fp32", show_default=True,
               help="fp16 / bf16: type of past_key_values.* / present.* (logits always stay fp32).")
+@click.option("--no-bos", is_flag=True,
+              help="Calibration windows without the BOS token. Default: each window starts with BOS when the "
+                   "checkpoint's tokenizer adds one (tokenizer_config.json add_bos_token), as prompts do.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary.")
 @user_errors
 def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | None, calib_samples: int,
              calib_seq_len: int, calib_rows: int, observer: str | None, alpha: float, block_size: int,
              keep_fp32: tuple[str, ...] | None, quantize_lm_head: str | None, kv_cache_io: str,
-             as_json: bool) -> None:
+             no_bos: bool, as_json: bool) -> None:
     """Rewrite the fp32 export in EXPORT_DIR to another precision, explicitly in the ONNX graph.
 
     TensorRT 11 and TensorRT-RTX build what the graph says (no fp16/int8 builder flags, no INT8
@@ -98,7 +101,7 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
     options = PrecisionOptions(calib_text=calib_text, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                                calib_rows=calib_rows, observer=observer, alpha=alpha, block_size=block_size,
                                kv_cache_io=kv_cache_io, quantize_lm_head=quantize_lm_head, progress=not as_json,
-                               **kwargs)
+                               add_bos=False if no_bos else None, **kwargs)
     if not as_json:
         click.echo(f"quantizing {export_dir} to {precision}", err=True)
     t0 = time.perf_counter()

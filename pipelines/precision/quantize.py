@@ -70,6 +70,7 @@ class PrecisionOptions:
     awq_clip: bool = True                  # AWQ's per-block clipping search after the scale search
     awq_rows: int = 128                    # of the sampled rows, how many the AWQ searches use
     quantize_lm_head: str | None = None    # int8 / int4: quantize the lm_head too (default: fp16)
+    add_bos: bool | None = None            # calibration windows start with BOS: None as the checkpoint says, False never
     progress: bool = True
 
     def check(self) -> None:
@@ -240,6 +241,7 @@ class _Inputs:
     windows: np.ndarray | None
     text: Path | None
     tokenizer_name: str | None
+    bos_id: int | None = None     # first token of every calibration window, when the tokenizer adds one
 
 
 def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
@@ -276,17 +278,17 @@ def _check(src_dir: Path, out_dir: Path, precision: str, options: PrecisionOptio
         raise LlmtrtUserError(f"--out {out_dir}: is the export directory itself; give a new directory")
     check_out_dir(out_dir)
     load_graph(exported.onnx_path)  # a truncated graph fails here, not half-way
-    windows = text = name = None
+    windows = text = name = bos_id = None
     if entry.calibrated:
         from llmtrt.pipelines.precision.calibration import DEFAULT_CALIB_TEXT, calibration_windows
         from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
         text = Path(options.calib_text) if options.calib_text else DEFAULT_CALIB_TEXT
-        tokenizer = load_tokenizer(src_dir)
-        windows = calibration_windows(text, tokenizer, options.calib_samples, options.calib_seq_len,
-                                      bos_id=getattr(tokenizer, "bos_id", None))
+        tokenizer = load_tokenizer(src_dir, add_bos=options.add_bos)
+        bos_id = tokenizer.bos_id if tokenizer.add_bos else None
+        windows = calibration_windows(text, tokenizer, options.calib_samples, options.calib_seq_len, bos_id=bos_id)
         name = getattr(tokenizer, "name", type(tokenizer).__name__)
-    return _Inputs(src_dir, raw, exported, entry, windows, text, name)
+    return _Inputs(src_dir, raw, exported, entry, windows, text, name, bos_id)
 
 
 def _quantize_into(out_dir: Path, inputs: _Inputs, options: PrecisionOptions, t0: float) -> None:
@@ -330,7 +332,7 @@ def _calibration(rw: Rewrite, inputs: _Inputs, out_dir: Path):
 
         source_sha = onnx_sha256(inputs.exported.onnx_path)
     key = cache_key(source_sha, inputs.text, inputs.tokenizer_name, inputs.windows, linear_inputs,
-                    rw.options.calib_rows)
+                    rw.options.calib_rows, bos_id=inputs.bos_id)
     return Calibration(rw.source, inputs.windows, linear_inputs, out_dir, key, rw.options.calib_rows,
                        progress=rw.options.progress)
 
