@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,7 +204,7 @@ def _quantized(name: str) -> Callable[[Rewrite], None]:
         from llmtrt.pipelines.precision import schemes
 
         lins, head = schemes.quantizable(rw)
-        schemes.walk(rw, schemes.SCHEMES[name], lins)
+        schemes.walk(rw, schemes.mixed(rw.mix) if rw.mix is not None else schemes.SCHEMES[name], lins)
         schemes.lm_head_and_tables(rw, head)
         if name.startswith("int4"):
             rw.details["block_size"] = rw.options.block_size
@@ -245,19 +246,34 @@ class _Inputs:
 
 
 def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
-             options: PrecisionOptions = PrecisionOptions()) -> Path:  # noqa: B008 (frozen, immutable)
+             options: PrecisionOptions = PrecisionOptions(),  # noqa: B008 (frozen, immutable)
+             *, mix: Any = None, cache_from: Path | None = None, extra_manifest: dict[str, Any] | None = None,
+             extra_files: dict[str, bytes] | None = None) -> Path:
     """Rewrite the fp32 export in ``src_dir`` to ``precision``; writes out_dir/model.onnx (+ data) and
     manifest.json. Returns ``out_dir``. Calibrated precisions also leave calibration_cache.json (+ rows),
     reused next time when the source graph, text, tokenizer, samples, length and rows are unchanged.
     Raises LlmtrtUserError on bad input (before any heavy work) and PrecisionContradiction when the
-    written graph is not what was asked for; ``out_dir`` is then left as it was."""
+    written graph is not what was asked for; ``out_dir`` is then left as it was.
+
+    ``mix`` (:class:`~.mix.Mix`, base ``precision``) writes each group of linears in its own scheme;
+    ``cache_from`` is a directory whose calibration cache may be reused (an artifact of the same source
+    and text); ``extra_manifest`` / ``extra_files`` are added to the manifest / the directory."""
     from llmtrt.exporter.files import artifact_dir
     from llmtrt.pipelines.precision.calibration import CACHE_FILE, ROWS_FILE
 
     t0 = time.perf_counter()
     inputs = _check(Path(src_dir), Path(out_dir), precision, options)
+    if mix is not None:
+        mix.check()
+        if mix.base != precision:
+            raise ValueError(f"mix {mix.name!r} is based on {mix.base}, not {precision}")
     with artifact_dir(out_dir, carry=(CACHE_FILE, ROWS_FILE)) as tmp:
-        _quantize_into(tmp, inputs, options, t0)
+        for name in (CACHE_FILE, ROWS_FILE) if cache_from is not None else ():
+            if (Path(cache_from) / name).is_file() and not (tmp / name).exists():
+                shutil.copyfile(Path(cache_from) / name, tmp / name)
+        _quantize_into(tmp, inputs, options, t0, mix, extra_manifest or {})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return Path(out_dir)
 
 
@@ -291,7 +307,8 @@ def _check(src_dir: Path, out_dir: Path, precision: str, options: PrecisionOptio
     return _Inputs(src_dir, raw, exported, entry, windows, text, name, bos_id)
 
 
-def _quantize_into(out_dir: Path, inputs: _Inputs, options: PrecisionOptions, t0: float) -> None:
+def _quantize_into(out_dir: Path, inputs: _Inputs, options: PrecisionOptions, t0: float, mix: Any,
+                   extra_manifest: dict[str, Any]) -> None:
     import onnx
 
     from llmtrt.pipelines.precision.graph import Source, TensorSink
@@ -300,7 +317,7 @@ def _quantize_into(out_dir: Path, inputs: _Inputs, options: PrecisionOptions, t0
     entry, exported, raw = inputs.entry, inputs.exported, inputs.raw
     source = Source.open(inputs.src_dir, exported.onnx_path, raw, exported)
     sink = TensorSink(out_dir, source.external)
-    rw = Rewrite(source, options, sink)
+    rw = Rewrite(source, options, sink, mix=mix)
     try:
         if entry.calibrated:
             rw.calibration = _calibration(rw, inputs, out_dir)
@@ -309,14 +326,25 @@ def _quantize_into(out_dir: Path, inputs: _Inputs, options: PrecisionOptions, t0
     finally:
         sink.close()
     inv = inventory(proto)
-    problem = inv.contradicts(entry.name)
+    if mix is None:
+        name, problem = entry.name, inv.contradicts(entry.name)
+    else:
+        from llmtrt.pipelines.precision.mix import LABELS
+
+        name = mix.name
+        problem = inv.contradicts_mix({m: LABELS[s] for m, s in rw.details.get("mix", {}).items()})
     if problem:
-        raise PrecisionContradiction(f"refusing to write a {entry.name} artifact: {problem}. Nothing was written; "
+        raise PrecisionContradiction(f"refusing to write a {name} artifact: {problem}. Nothing was written; "
                                      "--keep-fp32 MODULE keeps named linears out of the precision on purpose")
     path = out_dir / "model.onnx"
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
-    _write_manifest(rw, inputs, path, proto, inv, t0)
+    from llmtrt.pipelines.precision.mix import effective_bits
+
+    extra_manifest = {**extra_manifest, "weight_bits": effective_bits(inv.to_dict())}
+    if mix is not None:
+        extra_manifest["mix"] = {**mix.record, "base": mix.base, "linears": rw.details.pop("mix", {})}
+    _write_manifest(rw, inputs, path, proto, inv, t0, name, extra_manifest)
 
 
 def _calibration(rw: Rewrite, inputs: _Inputs, out_dir: Path):
@@ -359,7 +387,8 @@ def _finish(rw: Rewrite, entry: Precision):
     return proto
 
 
-def _write_manifest(rw: Rewrite, inputs: _Inputs, path: Path, proto, inv, t0: float) -> None:
+def _write_manifest(rw: Rewrite, inputs: _Inputs, path: Path, proto, inv, t0: float, name: str,
+                    extra: dict[str, Any]) -> None:
     from llmtrt.exporter.kv_cache import get_layout
     from llmtrt.pipelines.artifacts import peak_rss_bytes, write_export_manifest
 
@@ -375,7 +404,8 @@ def _write_manifest(rw: Rewrite, inputs: _Inputs, path: Path, proto, inv, t0: fl
     if rw.calibration is not None:
         calibration = {**rw.calibration.stats.summary(), "observer": options.observer or entry.observer or "max"}
     write_export_manifest(result, inputs.raw, extra={
-        "precision": entry.name,
+        **_jsonable(extra),
+        "precision": name,
         "engine_precision": entry.engine_precision,
         "source_onnx": str(exported.onnx_path.resolve()),
         "source_onnx_sha256": inputs.raw.get("onnx_sha256"),

@@ -1,0 +1,183 @@
+"""Layer sensitivity and an accuracy budget instead of a recipe (``llmtrt quantize --sensitivity``,
+``--max-ppl-increase PCT`` / ``--max-kl X``).
+
+    report = sensitivity(ev, variants, "int4-awq")        # groups ranked by KL when quantized alone
+    result = search(ev, variants, report, "int4-awq", Budget(max_ppl_increase=3.0))
+
+**Variants.** Each group's weights as every candidate scheme would write them: the target's from a
+real uniform artifact of the target precision (its weight map: int4 values x block scales, AWQ's
+smoothing undone), ``int8-wo`` by ``quant_math.int8_per_channel`` of the fp32 weight (what the
+int8-wo scheme writes), ``fp16`` the weight rounded to fp16. One group's variants are a few weights
+in memory, the whole model's the size of the fp32 linears (fine for the small models measured; an
+8B export would need them streamed per stage).
+
+**Sensitivity.** For every group alone at the target (the rest fp32): mean KL(p_fp32 || p) of the
+final logits on the calibration windows, and the perplexity increase; ranked, largest first.
+
+**Search.** Start with every group at the target; while the budget is missed, move the most
+sensitive group still at the target to the first fallback (``int8-wo``) and re-measure; when every
+group has fallen back once and the budget is still missed, do the same with the second fallback
+(``fp16``). At most ``1 + groups x fallbacks`` evaluations. The budget is on the calibration
+windows; ``llmtrt compare`` checks it on held-out text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtrt.pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.precision import quant_math as qm
+from llmtrt.pipelines.precision.mix import FALLBACKS
+from llmtrt.pipelines.precision.mix_eval import Figures, MixEvaluator
+
+TARGETS = ("int4-awq", "int4-rtn")   # precisions a budget search starts from
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_ppl_increase: float | None = None   # percent over fp32 perplexity on the calibration windows
+    max_kl: float | None = None             # mean KL(p_fp32 || p), nats per position
+
+    def check(self) -> None:
+        if self.max_ppl_increase is None and self.max_kl is None:
+            raise LlmtrtUserError("a budget needs --max-ppl-increase PCT and/or --max-kl X")
+        for flag, value in (("--max-ppl-increase", self.max_ppl_increase), ("--max-kl", self.max_kl)):
+            if value is not None and not value >= 0:
+                raise LlmtrtUserError(f"{flag} {value}: must be a non-negative number")
+
+    @property
+    def label(self) -> str:
+        """The mix's name after its base precision: ``int4-awq@ppl+3%``, ``@kl0.01``, ``@ppl+3%,kl0.01``."""
+        parts = ([f"ppl+{self.max_ppl_increase:g}%"] if self.max_ppl_increase is not None else []) + \
+                ([f"kl{self.max_kl:g}"] if self.max_kl is not None else [])
+        return ",".join(parts)
+
+    def meets(self, fig: Figures) -> bool:
+        ok = np.isfinite(fig.ppl_increase)
+        if self.max_ppl_increase is not None:
+            ok = ok and fig.ppl_increase * 100.0 <= self.max_ppl_increase
+        if self.max_kl is not None:
+            ok = ok and fig.mean_kl <= self.max_kl
+        return bool(ok)
+
+
+@dataclass
+class SearchResult:
+    met: bool
+    assignment: dict[str, str]              # group -> scheme of the mix chosen (the best one when not met)
+    figures: Figures
+    steps: list[dict[str, Any]] = field(default_factory=list)   # every evaluation: what moved, figures
+
+
+class BudgetNotMet(RuntimeError):
+    """No mix the search tried meets the budget (the CLI exits 1 and writes nothing)."""
+
+    def __init__(self, message: str, result: SearchResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+# --------------------------------------------------------------------------------------------
+# the weights each scheme gives each group
+# --------------------------------------------------------------------------------------------
+def variants(ev: MixEvaluator, target_dir: Path, target: str) -> dict[str, dict[str, np.ndarray]]:
+    """scheme -> {weight initializer name -> fp32 [in, out] as the scheme's DequantizeLinear gives it}."""
+    from llmtrt.pipelines.artifacts import read_manifest
+
+    manifest = read_manifest(target_dir)
+    arrays = _initializers(target_dir / manifest["onnx"])
+    source = _initializers(ev.onnx_path)
+    wmap = manifest["weight_map"]["linears"]
+    out: dict[str, dict[str, np.ndarray]] = {target: {}, "int8-wo": {}, "fp16": {}}
+    for group in ev.groups.values():
+        for info in group:
+            w = ev.fp32[info.weight]
+            out[target][info.weight] = _dequantized(wmap[info.module], arrays, source, w.shape)
+            q, scale = qm.int8_per_channel(w)
+            out["int8-wo"][info.weight] = qm.dequantize(q, scale[None, :])
+            out["fp16"][info.weight] = np.clip(w, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
+    return out
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+
+    from llmtrt.pipelines.checks.weights import read_initializer
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {t.name: read_initializer(t, path.parent) for t in model.graph.initializer}
+
+
+def _dequantized(entry: dict[str, Any], arrays: dict[str, np.ndarray], source: dict[str, np.ndarray],
+                 shape: tuple[int, ...]) -> np.ndarray:
+    """What a weight-map entry's DequantizeLinear computes, divided by its smoothing (fp32 coordinates)."""
+    if entry.get("bits") not in (4, 8):
+        raise ValueError(f"{entry.get('node')}: scheme {entry.get('scheme')!r} is not a quantized weight")
+    q = arrays[entry["initializers"]["values"]].astype(np.float32).reshape(shape)
+    scale = arrays[entry["initializers"]["scale"]].astype(np.float32)
+    if entry["bits"] == 8:
+        w = q * scale[None, :]
+    else:
+        w = q * qm.expand_blocks(scale, shape[0], entry["block_size"])
+    smoothing = entry.get("smoothing")
+    if smoothing:
+        name = smoothing["initializer"]
+        if smoothing["kind"] == "folded":
+            s = source[name] / arrays[name]
+        else:
+            s = 1.0 / arrays[name]
+        w = w / s.astype(np.float32)[:, None]
+    return w.astype(np.float32)
+
+
+
+# --------------------------------------------------------------------------------------------
+# sensitivity and the search
+# --------------------------------------------------------------------------------------------
+def weights_for(ev: MixEvaluator, var: dict[str, dict[str, np.ndarray]], assignment: dict[str, str],
+                base: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The session's weights for ``assignment`` (group -> scheme; groups not in it stay fp32)."""
+    out = dict(base or {})
+    for group, scheme in assignment.items():
+        for info in ev.groups[group]:
+            out[info.weight] = var[scheme][info.weight]
+    return out
+
+
+def sensitivity(ev: MixEvaluator, var: dict[str, dict[str, np.ndarray]], target: str) -> list[dict[str, Any]]:
+    """Every group alone at ``target`` (the rest fp32): rows ranked by mean KL, most sensitive first."""
+    rows = []
+    for group, infos in ev.groups.items():
+        fig = ev.run(weights_for(ev, var, {group: target}))
+        rows.append({"group": group, "linears": [i.module for i in infos], "scheme": target, **fig.to_dict()})
+    rows.sort(key=lambda r: -r["mean_kl"])
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def search(ev: MixEvaluator, var: dict[str, dict[str, np.ndarray]], ranking: list[dict[str, Any]], target: str,
+           budget: Budget, fallbacks: tuple[str, ...] = FALLBACKS) -> SearchResult:
+    """The greedy search of the module doc. ``ranking``: :func:`sensitivity`'s rows."""
+    base = ev.half_base()
+    order = [r["group"] for r in ranking]
+    assignment = {g: target for g in ev.groups}
+    fig = ev.run(weights_for(ev, var, assignment, base))
+    steps = [{"moved": None, "to": None, **fig.to_dict()}]
+    best = (fig, dict(assignment))
+    for level in fallbacks:
+        for group in order:
+            if budget.meets(fig):
+                return SearchResult(True, assignment, fig, steps)
+            assignment[group] = level
+            fig = ev.run(weights_for(ev, var, assignment, base))
+            steps.append({"moved": group, "to": level, **fig.to_dict()})
+            if fig.ppl_increase < best[0].ppl_increase:
+                best = (fig, dict(assignment))
+    if budget.meets(fig):
+        return SearchResult(True, assignment, fig, steps)
+    return SearchResult(False, best[1], best[0], steps)
