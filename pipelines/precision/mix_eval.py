@@ -25,8 +25,6 @@ import numpy as np
 
 from llmtrt.pipelines.errors import LlmtrtUserError
 
-BATCH = 8   # windows per session run
-
 
 @dataclass(frozen=True)
 class Figures:
@@ -88,9 +86,11 @@ class MixEvaluator:
         del proto
         layout = get_layout(exported.kv_cache)
         from llmtrt.pipelines.precision.calibration import prefill_feeds
+        from llmtrt.pipelines.precision.layerwise import chunk_size
 
-        self.batches = [prefill_feeds(layout, exported.config, windows[i:i + BATCH])
-                        for i in range(0, len(windows), BATCH)]
+        c = exported.config
+        batch = chunk_size(len(windows), windows.shape[1], max(2 * c.intermediate_size, c.vocab_size))
+        self.batches = [prefill_feeds(layout, c, windows[i:i + batch]) for i in range(0, len(windows), batch)]
         self.targets = [b["input_ids"][:, 1:].reshape(-1) for b in self.batches]
         self.evaluations = 0
         self.seconds = 0.0
