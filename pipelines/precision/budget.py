@@ -14,10 +14,12 @@ in memory, the whole model's the size of the fp32 linears (fine for the small mo
 **Sensitivity.** For every group alone at the target (the rest fp32): mean KL(p_fp32 || p) of the
 final logits on the calibration windows, and the perplexity increase; ranked, largest first.
 
-**Search.** The moves, in order: the most sensitive group to the first fallback (``int8-wo``), the
-next most sensitive, ..., every group; then the same to the second fallback (``fp16``). The fewest
-leading moves that meet the budget are found by bisection, each candidate measured on the
-calibration windows: ``2 + ceil(log2(groups x fallbacks))`` evaluations at most. The budget is on the calibration
+**Search.** A move sends one group to a fallback: every group to the first fallback (``int8-wo``),
+then every group to the second (``fp16``). Within a level, moves that also save bytes come first (an
+int4 weight with blocks of 4 stores 12 bits per weight, more than int8's ~8.2), then the others by
+sensitivity per extra byte, largest first: the accuracy bought per byte spent. The fewest leading
+moves that meet the budget are found by bisection, each candidate measured on the calibration
+windows: ``2 + ceil(log2(groups x fallbacks))`` evaluations at most. The budget is on the calibration
 windows; ``llmtrt compare`` checks it on held-out text.
 """
 
@@ -161,16 +163,17 @@ def sensitivity(ev: MixEvaluator, var: dict[str, dict[str, np.ndarray]], target:
 
 
 def search(ev: MixEvaluator, var: dict[str, dict[str, np.ndarray]], ranking: list[dict[str, Any]], target: str,
-           budget: Budget, fallbacks: tuple[str, ...] = FALLBACKS) -> SearchResult:
-    """The search of the module doc. ``ranking``: :func:`sensitivity`'s rows.
+           budget: Budget, group_bytes: dict[str, dict[str, int]],
+           fallbacks: tuple[str, ...] = FALLBACKS) -> SearchResult:
+    """The search of the module doc. ``ranking``: :func:`sensitivity`'s rows; ``group_bytes``: stored
+    bytes of each group per scheme (:func:`group_bytes`).
 
-    The moves (most sensitive group to the first fallback, the next, ..., then the same to the second
-    fallback) are taken in that order; the shortest run of them that meets the budget is found by
+    The moves (:func:`ordered_moves`) are taken in order; the shortest run of them that meets the budget is found by
     bisection (the figures fall, up to noise, as more groups fall back): 2 + log2(moves) evaluations
     instead of one per move. The mix returned was measured; when none meets the budget, the best
     measured one is returned with ``met`` False."""
     base = ev.half_base()
-    moves = [(r["group"], level) for level in fallbacks for r in ranking]
+    moves = ordered_moves(ranking, group_bytes, target, fallbacks)
     steps: list[dict[str, Any]] = []
     measured: dict[int, Figures] = {}
 
@@ -199,3 +202,29 @@ def search(ev: MixEvaluator, var: dict[str, dict[str, np.ndarray]], ranking: lis
         else:
             lo = mid
     return SearchResult(True, assignment(hi), measured[hi], steps)
+
+
+def ordered_moves(ranking: list[dict[str, Any]], nbytes: dict[str, dict[str, int]], target: str,
+                  fallbacks: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(group, scheme) moves in the order the module doc gives."""
+    moves = []
+    previous = target
+    for level in fallbacks:
+        def key(row: dict[str, Any], level=level, previous=previous) -> tuple[int, float]:
+            extra = nbytes[row["group"]][level] - nbytes[row["group"]][previous]
+            return (0, extra) if extra <= 0 else (1, -row["mean_kl"] / extra)
+        moves += [(row["group"], level) for row in sorted(ranking, key=key)]
+        previous = level
+    return moves
+
+
+def group_bytes(ev: MixEvaluator, target_inventory: dict[str, Any], target: str) -> dict[str, dict[str, int]]:
+    """Stored bytes of each group's weights (+ scales) per scheme: the target's from the uniform artifact's
+    inventory, int8-wo's as int8 values + one fp32 scale per output column, fp16's 2 bytes a weight."""
+    stored = {x["module"]: x["weight_bytes"] for x in target_inventory["linears"]}
+    out = {}
+    for group, infos in ev.groups.items():
+        out[group] = {target: sum(stored[i.module] for i in infos),
+                      "int8-wo": sum(i.shape[0] * i.shape[1] + 4 * i.shape[1] for i in infos),
+                      "fp16": sum(2 * i.shape[0] * i.shape[1] for i in infos)}
+    return out

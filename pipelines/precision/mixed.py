@@ -5,7 +5,8 @@
 1. the uniform target artifact, written to a temporary directory by :func:`.quantize.quantize` (the
    streaming quantizer, calibration included): its weight map gives each group's target weights;
 2. a :class:`.mix_eval.MixEvaluator` on the calibration windows (the same windows, BOS included);
-3. :func:`.budget.sensitivity`, then with a budget :func:`.budget.search`;
+3. :func:`.budget.sensitivity`, then with a budget :func:`.budget.search` (moves ordered by the bytes
+   each group stores per scheme, :func:`.budget.group_bytes`);
 4. the artifact written by :func:`.quantize.quantize` again, with the mix (each group's scheme) and the
    first run's calibration cache; its manifest records the sensitivity ranking, the mix, the
    calibration-set figures, the search cost and the effective bits per weight.
@@ -22,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from llmtrt.pipelines.errors import LlmtrtUserError
-from llmtrt.pipelines.precision.budget import TARGETS, Budget, BudgetNotMet, search, sensitivity, variants
+from llmtrt.pipelines.precision.budget import (
+    TARGETS,
+    Budget,
+    BudgetNotMet,
+    group_bytes,
+    search,
+    sensitivity,
+    variants,
+)
 from llmtrt.pipelines.precision.mix import Mix
 
 
@@ -45,6 +54,7 @@ def quantize_to_budget(src_dir: str | Path, out_dir: str | Path, precision: str,
     """With ``budget``: the mixed artifact meeting it (or BudgetNotMet); without: the uniform ``precision``
     artifact with the sensitivity ranking recorded. Returns (out_dir, the manifest's "mix"/"sensitivity")."""
     from llmtrt.exporter.files import check_out_dir
+    from llmtrt.pipelines.artifacts import read_manifest
     from llmtrt.pipelines.precision import sensitivity_report
     from llmtrt.pipelines.precision.mix_eval import MixEvaluator
     from llmtrt.pipelines.precision.quantize import quantize
@@ -69,7 +79,8 @@ def quantize_to_budget(src_dir: str | Path, out_dir: str | Path, precision: str,
         files = sensitivity_report.files(ranking, precision, label)
         mix = None
         if budget is not None:
-            result = search(ev, var, ranking, precision, budget)
+            sizes = group_bytes(ev, read_manifest(uniform)["precision_inventory"], precision)
+            result = search(ev, var, ranking, precision, budget, sizes)
             record = {"budget": {"max_ppl_increase_percent": budget.max_ppl_increase, "max_kl": budget.max_kl},
                       "met": result.met, "calibration": {"windows": label, **result.figures.to_dict(),
                                                          "fp32_perplexity": float(_exp(ev.reference_nll))},
