@@ -195,3 +195,24 @@ def test_validate_integrity_reads_the_mix(budget_0_2):
     module = next(m for m, s in wrong["mix"]["linears"].items() if s == "int8-wo")
     wrong["mix"]["linears"][module] = "int4-awq"
     assert not _precision_findings(graph, wrong)[0].passed
+
+
+def test_compare_frontier_places_uniform_and_mixed_artifacts_by_their_bytes(budget_0_2, export_dir, tmp_path):
+    """frontier.json: one point per artifact at the bytes its written graph stores (fp32 > mix > int4)."""
+    import json
+    from types import SimpleNamespace
+
+    from llmtrt.pipelines.checks import frontier
+
+    int4 = quantize(export_dir, tmp_path / "int4-rtn", "int4-rtn", SMALL)
+    metrics = {name: SimpleNamespace(artifact=str(d), perplexity=p, perplexity_increase=p / 4.0 - 1)
+               for name, d, p in (("fp32", export_dir, 4.0), ("int4-rtn", int4, 4.1),
+                                  ("int4-awq@ppl+0.2%", budget_0_2, 4.01))}
+    paths = frontier.write(metrics, tmp_path)
+    pts = {p["precision"]: p for p in json.loads(paths["frontier_json"].read_text())["points"]}
+    assert pts["fp32"]["bits_per_weight"] == 32.0
+    assert pts["int4-rtn"]["weight_bytes"] < pts["int4-awq@ppl+0.2%"]["weight_bytes"] < pts["fp32"]["weight_bytes"]
+    mix = read_manifest(budget_0_2)["weight_bits"]
+    assert pts["int4-awq@ppl+0.2%"]["weight_bytes"] == mix["stored_bytes"]
+    if _has_matplotlib():
+        assert paths["frontier_png"].read_bytes()[:4] == b"\x89PNG"
