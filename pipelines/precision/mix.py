@@ -50,3 +50,30 @@ def effective_bits(inventory: dict[str, Any]) -> dict[str, Any]:
     return {"bits_per_weight": bits / params if params else float("nan"), "parameters": params,
             "stored_bytes": bits // 8, "linears": len(rows),
             "counted": "stored weight bits + fp32 scale bits, over parameters; decoder linears, lm_head excluded"}
+
+
+_BUDGET_FORMS = "BASE@ppl+PCT%, BASE@klX or BASE@ppl+PCT%,klX (e.g. int4-awq@ppl+3%)"
+
+
+def parse_precision(name: str) -> tuple[str, float | None, float | None]:
+    """A precision name as pipeline configs write it: ``int4-awq`` -> ("int4-awq", None, None);
+    ``int4-awq@ppl+3%`` -> ("int4-awq", 3.0, None); ``int4-awq@kl0.01``; ``int4-awq@ppl+3%,kl0.01``.
+    Raises ValueError naming the forms. (The same text as ``budget.Budget.label`` writes.)"""
+    base, at, spec = name.partition("@")
+    if not at:
+        return name, None, None
+    ppl = kl = None
+    for part in spec.split(","):
+        try:
+            if part.startswith("ppl+") and part.endswith("%") and ppl is None:
+                ppl = float(part[4:-1])
+            elif part.startswith("kl") and kl is None:
+                kl = float(part[2:])
+            else:
+                raise ValueError(part)
+        except ValueError:
+            raise ValueError(f"{name!r}: bad budget {part!r}; write {_BUDGET_FORMS}") from None
+    for value in (ppl, kl):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name!r}: a budget must be a non-negative number")
+    return base, ppl, kl
