@@ -216,3 +216,21 @@ def test_compare_frontier_places_uniform_and_mixed_artifacts_by_their_bytes(budg
     assert pts["int4-awq@ppl+0.2%"]["weight_bytes"] == mix["stored_bytes"]
     if _has_matplotlib():
         assert paths["frontier_png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_sensitivity_alone_writes_the_uniform_artifact_with_its_ranking(export_dir, tmp_path):
+    import json
+
+    from llmtrt.pipelines.cli import main
+
+    out = tmp_path / "rtn"
+    res = CliRunner().invoke(main, ["quantize", str(export_dir), "--to", "int4-rtn", "--out", str(out),
+                                    "--calib-samples", "8", "--calib-seq-len", "64", "--sensitivity", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    m = read_manifest(out)
+    assert m["precision"] == summary["precision"] == "int4-rtn" and "mix" not in m
+    ranking = m["sensitivity"]["groups"]
+    assert len(ranking) == 16 and ranking[0]["rank"] == 1 and ranking[0]["mean_kl"] > 0
+    assert (out / "sensitivity.md").read_text().count("| model.layers.") == 16
+    assert m["weight_bits"]["bits_per_weight"] < 5
