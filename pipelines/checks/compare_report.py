@@ -81,6 +81,9 @@ def write_reports(result: CompareResult, out_dir: Path, say: Callable[[str], Non
     paths = {"json": out_dir / "compare.json", "md": out_dir / "compare.md"}
     write_json_atomically(paths["json"], result.to_dict())
     write_text_atomically(paths["md"], result.markdown())
+    from llmtrt.pipelines.checks import frontier
+
+    paths.update(frontier.write({n: m for n, m in result.metrics.items() if n != PYTORCH}, out_dir))
     png = write_plot(result, out_dir / "compare.png")
     if png is None:
         say("note: matplotlib is not installed, so compare.png was not drawn (pip install matplotlib)")

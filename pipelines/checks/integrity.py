@@ -146,10 +146,15 @@ def _precision_findings(graph, manifest: dict[str, Any]) -> list[Finding]:
     step's inventory module is available)."""
     try:
         from llmtrt.pipelines.precision import inventory as inv
+        from llmtrt.pipelines.precision.mix import LABELS
     except ImportError:
         return []
     found = inv.inventory(graph)
-    problem = found.contradicts(manifest["precision"])
+    mix = manifest.get("mix")
+    if mix is None:
+        problem = found.contradicts(manifest["precision"])
+    else:  # a mixed precision: each linear as the mix says
+        problem = found.contradicts_mix({m: LABELS[s] for m, s in mix["linears"].items()})
     findings = [Finding("precision", manifest["precision"], problem is None,
                         problem or f"the graph is {manifest['precision']}: {found.summary()}")]
     recorded = manifest.get("precision_inventory")

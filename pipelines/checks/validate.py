@@ -131,7 +131,9 @@ def _prepare(artifact_dir: Path, options: ValidateOptions) -> _Setup:
         check_out_dir(options.out_dir)
     manifest = read_manifest(artifact_dir)
     exported = load_exported(artifact_dir, manifest)
-    tol = load_tolerances(options.tolerances or DEFAULT_TOLERANCES, manifest["precision"])
+    # a mixed precision ("int4-awq@ppl+3%") is held to its base precision's tolerances
+    tol = load_tolerances(options.tolerances or DEFAULT_TOLERANCES, (manifest.get("mix") or {}).get(
+        "base", manifest["precision"]))
     tokenizer = load_tokenizer(artifact_dir)
     steps = options.decode_steps
     rope_rows = max_positions_from_file(exported.onnx_path) or exported.config.max_position_embeddings

@@ -64,11 +64,25 @@ def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
                    "the lm_head stays fp16, as AutoAWQ and ModelOpt keep it; the logits output stays fp32.")
 @click.option("--kv-cache-io", type=click.Choice(["fp32", "half"]), default="fp32", show_default=True,
               help="fp16 / bf16: type of past_key_values.* / present.* (logits always stay fp32).")
+@click.option("--sensitivity", is_flag=True,
+              help="int4-awq / int4-rtn: also measure each group of linears' sensitivity (mean KL of the logits "
+                   "from fp32 with that group alone quantized, on the calibration windows); writes "
+                   "OUT/sensitivity.md, .json and .png (with matplotlib) and records it in the manifest.")
+@click.option("--max-ppl-increase", type=float, default=None, metavar="PCT",
+              help="int4-awq / int4-rtn: an accuracy budget instead of a uniform precision: the most sensitive "
+                   "groups fall back to int8-wo, then fp16, until the calibration-set perplexity is at most PCT "
+                   "percent above fp32. Exit 1, nothing written, when no mix meets it.")
+@click.option("--max-kl", type=float, default=None, metavar="X",
+              help="Like --max-ppl-increase, for the mean KL divergence of the logits from fp32 (nats per token).")
+@click.option("--no-bos", is_flag=True,
+              help="Calibration windows without the BOS token. Default: each window starts with BOS when the "
+                   "checkpoint's tokenizer adds one (tokenizer_config.json add_bos_token), as prompts do.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the machine-readable summary.")
 @user_errors
 def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | None, calib_samples: int,
              calib_seq_len: int, calib_rows: int, observer: str | None, alpha: float, block_size: int,
              keep_fp32: tuple[str, ...] | None, quantize_lm_head: str | None, kv_cache_io: str,
+             sensitivity: bool, max_ppl_increase: float | None, max_kl: float | None, no_bos: bool,
              as_json: bool) -> None:
     """Rewrite the fp32 export in EXPORT_DIR to another precision, explicitly in the ONNX graph.
 
@@ -98,11 +112,16 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
     options = PrecisionOptions(calib_text=calib_text, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                                calib_rows=calib_rows, observer=observer, alpha=alpha, block_size=block_size,
                                kv_cache_io=kv_cache_io, quantize_lm_head=quantize_lm_head, progress=not as_json,
-                               **kwargs)
+                               add_bos=False if no_bos else None, **kwargs)
     t0 = time.perf_counter()
     try:  # the inputs are checked before the first line of progress
-        out = run(export_dir, out_dir, precision, options, started=None if as_json else lambda: click.echo(
-            f"quantizing {export_dir} to {precision}", err=True))
+        if sensitivity or max_ppl_increase is not None or max_kl is not None:
+            if not as_json:
+                click.echo(f"quantizing {export_dir} to {precision} within an accuracy budget", err=True)
+            out = _to_budget(export_dir, out_dir, precision, options, max_ppl_increase, max_kl)
+        else:
+            out = run(export_dir, out_dir, precision, options, started=None if as_json else lambda: click.echo(
+                f"quantizing {export_dir} to {precision}", err=True))
     except PrecisionContradiction as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONTRADICTION)
@@ -114,9 +133,14 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
                "source_onnx_sha256": manifest["source_onnx_sha256"], "calibration": manifest["calibration"],
                "fp32_kept": manifest["fp32_kept"], "inventory": inventory.shares(),
                "seconds": round(time.perf_counter() - t0, 3)}
+    for key in ("weight_bits", "mix", "sensitivity"):
+        if manifest.get(key) is not None:
+            summary[key] = manifest[key]
+    summary["precision"] = manifest["precision"]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
+    _print_mix(manifest)
     cal = manifest["calibration"]
     if cal:
         click.echo(f"calibration: {cal['windows']} windows x {cal['seq_len']} tokens of {cal['calib_text']} "
@@ -124,6 +148,45 @@ def quantize(export_dir: str, precision: str, out_dir: str, calib_text: str | No
     for kept in manifest["fp32_kept"]:
         click.echo(f"fp32 kept: {kept['name']} ({kept['reason']})")
     click.echo(inventory.summary())
-    click.echo(f"wrote {summary['onnx']} ({precision}, opset {manifest['opset']}) in {summary['seconds']:.1f} s; "
-               f"build it with `llmtrt build {out} --out DIR` (engine precision {precision})")
+    click.echo(f"wrote {summary['onnx']} ({manifest['precision']}, opset {manifest['opset']}) in "
+               f"{summary['seconds']:.1f} s; build it with `llmtrt build {out} --out DIR`")
+
+
+def _to_budget(export_dir: str, out_dir: str, precision: str, options, max_ppl_increase: float | None,
+               max_kl: float | None):
+    """The sensitivity / budget path (llmtrt.pipelines.precision.mixed); exit 1 when no mix meets the budget."""
+    from llmtrt.pipelines.precision.budget import Budget, BudgetNotMet
+    from llmtrt.pipelines.precision.mixed import quantize_to_budget
+
+    budget = None if max_ppl_increase is None and max_kl is None else Budget(max_ppl_increase, max_kl)
+    try:
+        out, _ = quantize_to_budget(export_dir, out_dir, precision, options, budget)
+    except BudgetNotMet as exc:
+        click.echo(f"error: {exc}", err=True)
+        for step in exc.result.steps[-3:]:
+            click.echo(f"  tried: {step['moves']} groups moved (last {step['last']}): "
+                       f"ppl {100 * step['ppl_increase']:+.3f}% KL {step['mean_kl']:.3e}", err=True)
+        sys.exit(EXIT_CONTRADICTION)
+    return out
+
+
+def _print_mix(manifest: dict) -> None:
+    sens = manifest.get("sensitivity")
+    if sens:
+        click.echo(f"sensitivity to {sens['target']} ({sens['windows']}), most sensitive first:")
+        for row in sens["groups"][:5]:
+            click.echo(f"  {row['rank']:2d}. {row['group']:40s} KL {row['mean_kl']:.3e}  "
+                       f"ppl {100 * row['ppl_increase']:+.3f}%")
+    mix = manifest.get("mix")
+    if mix:
+        cal, search = mix["calibration"], mix["search"]
+        counts: dict[str, int] = {}
+        for scheme in mix["groups"].values():
+            counts[scheme] = counts.get(scheme, 0) + 1
+        click.echo(f"mix {manifest['precision']}: " + ", ".join(f"{n} groups {s}" for s, n in counts.items())
+                   + f"; calibration ppl {100 * cal['ppl_increase']:+.3f}%, KL {cal['mean_kl']:.3e}; "
+                   f"{search['evaluations']} evaluations in {search['evaluation_seconds']:.1f} s")
+    bits = manifest.get("weight_bits")
+    if bits:
+        click.echo(f"effective bits per linear weight: {bits['bits_per_weight']:.3f} ({bits['counted']})")
 

@@ -18,6 +18,33 @@ STAGE_KINDS = ("export", "quantize", "build", "validate", "compare", "report")
 ENGINE_PRECISION = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8-sq": "int8", "int8-wo": "int8",
                     "int4-awq": "int4", "int4-rtn": "int4"}
 RECORD = "stage.json"
+BUDGET_BASES = ("int4-awq", "int4-rtn")   # precisions a budget ("int4-awq@ppl+3%") may start from
+
+
+def check_precision(name: str) -> str:
+    """``name`` (a precision, or a base precision with an accuracy budget: ``int4-awq@ppl+3%``, searched by
+    ``llmtrt quantize --max-ppl-increase``) if valid; its base precision is returned."""
+    from llmtrt.pipelines.precision.mix import parse_precision
+
+    base, ppl, kl = parse_precision(name)
+    if base not in PRECISIONS:
+        raise ValueError(f"{base!r} is not one of {', '.join(PRECISIONS)}" + (f" (in {name!r})" if base != name else ""))
+    if (ppl is not None or kl is not None) and base not in BUDGET_BASES:
+        raise ValueError(f"{name!r}: a budget starts from {' or '.join(BUDGET_BASES)}")
+    return base
+
+
+def _check_precisions(names: list[str]) -> None:
+    for name in names:
+        try:
+            check_precision(name)
+        except ValueError as exc:
+            raise ValueError(f"precisions: {exc}") from None
+
+
+def engine_precision(name: str) -> str:
+    """What ``llmtrt build --precision`` gets for a pipeline precision (a mix builds as its base's)."""
+    return ENGINE_PRECISION[check_precision(name)]
 
 
 @dataclass(frozen=True)
@@ -61,8 +88,11 @@ class Target:
     version: str | None = None
     lower: str = field(default="native", metadata={"choices": ("native", "inline", "plugin")})
     target_cc: list[str] = field(default_factory=list)
-    precisions: list[str] = field(default_factory=list, metadata={"choices": PRECISIONS})  # empty: all
+    precisions: list[str] = field(default_factory=list)  # empty: all; names as PipelineConfig.precisions
     opt_level: int = 3
+
+    def __post_init__(self) -> None:
+        _check_precisions(self.precisions)
 
     @property
     def label(self) -> str:
@@ -78,7 +108,8 @@ class PipelineConfig:
     ops: str = field(default="custom", metadata={"choices": ("custom", "standard", "decomposed")})
     kv_cache: str = field(default="dynamic", metadata={"choices": ("dynamic", "static")})
     max_positions: int | None = None
-    precisions: list[str] = field(default_factory=lambda: ["fp32"], metadata={"choices": PRECISIONS})
+    # fp16, int8-sq, ..., or a base precision with an accuracy budget: int4-awq@ppl+3%, int4-awq@kl0.01
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
     calibration: Calibration = field(default_factory=Calibration)
     evaluation: Evaluation = field(default_factory=Evaluation)
     validation: Validation = field(default_factory=Validation)
@@ -86,6 +117,7 @@ class PipelineConfig:
     targets: list[Target] = field(default_factory=lambda: [Target(backend="onnxruntime")])
 
     def __post_init__(self) -> None:
+        _check_precisions(self.precisions)
         if "fp32" not in self.precisions:
             raise LlmtrtUserError("precisions must include fp32: it is the reference every other one is judged by")
         if len(set(self.precisions)) != len(self.precisions):
@@ -153,7 +185,7 @@ def target_problems(config: PipelineConfig, target: Target) -> list[str]:
                             "with lower: native or inline")
         elif target.lower != "native":
             problems.append("ops: standard graphs have nothing to inline or route to plugins: use lower: native")
-    bad = [p for p in target.precisions or config.precisions if ENGINE_PRECISION[p] not in caps.precisions]
+    bad = [p for p in target.precisions or config.precisions if engine_precision(p) not in caps.precisions]
     if bad:
         problems.append(f"precisions {', '.join(bad)}: {release} builds {', '.join(sorted(caps.precisions))} "
                         "engines: drop them from this target's precisions")

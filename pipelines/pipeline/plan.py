@@ -28,10 +28,10 @@ from llmtrt.exporter.files import sha256_file
 from llmtrt.pipelines.artifacts import source_fingerprint
 from llmtrt.pipelines.errors import LlmtrtUserError
 from llmtrt.pipelines.pipeline.config import (
-    ENGINE_PRECISION,
     PipelineConfig,
     Stage,
     check_targets,
+    engine_precision,
     resolve_path,
 )
 
@@ -79,7 +79,7 @@ def plan(config: PipelineConfig, out_dir: str | Path, config_path: Path | None =
         precision = job["precision"]
         engine_dir = out / "engines" / job["label"] / precision
         result.append(Stage("build", f"build:{job['label']}:{precision}", engine_dir, [artifact[precision]], {
-            "precision": ENGINE_PRECISION[precision], "backend": job["backend"], "lower": job["lower"],
+            "precision": engine_precision(precision), "backend": job["backend"], "lower": job["lower"],
             "target_cc": [c for c in job["target_cc"].split(",") if c], "profiles": asdict(config.profiles),
         }, stages.build))
     tolerances = resolve_path(config.validation.tolerances or "configs/tolerances.yaml", config_path)

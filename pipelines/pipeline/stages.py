@@ -40,8 +40,32 @@ def quantize(stage: Stage) -> dict[str, Any]:
 
     o = stage.options
     options = PrecisionOptions(calib_text=o["calib_text"], calib_samples=o["samples"], calib_seq_len=o["seq_len"])
-    out = run_quantize(stage.inputs[0], stage.out_dir, o["precision"], options)
-    return {"out_dir": str(out), "precision": o["precision"], "bytes": _dir_bytes(stage.out_dir, "model.onnx*")}
+    if "@" not in o["precision"]:
+        out = run_quantize(stage.inputs[0], stage.out_dir, o["precision"], options)
+        return {"out_dir": str(out), "precision": o["precision"], "bytes": _dir_bytes(stage.out_dir, "model.onnx*")}
+    return _quantize_to_budget(stage, options)
+
+
+def _quantize_to_budget(stage: Stage, options) -> dict[str, Any]:
+    """A precision with a budget (``int4-awq@ppl+3%``): the mix llmtrt quantize --max-ppl-increase finds."""
+    from llmtrt.pipelines.artifacts import read_manifest
+    from llmtrt.pipelines.errors import LlmtrtUserError
+    from llmtrt.pipelines.precision.budget import Budget, BudgetNotMet
+    from llmtrt.pipelines.precision.mix import parse_precision
+    from llmtrt.pipelines.precision.mixed import quantize_to_budget
+
+    name = stage.options["precision"]
+    base, ppl, kl = parse_precision(name)
+    try:
+        out, _ = quantize_to_budget(stage.inputs[0], stage.out_dir, base, options, Budget(ppl, kl))
+    except BudgetNotMet as exc:
+        raise LlmtrtUserError(f"{stage.name}: {exc}; change precision {name!r} in the config") from None
+    m = read_manifest(out)
+    mix, cal = m["mix"], m["mix"]["calibration"]
+    moved = sum(1 for s in mix["groups"].values() if s != base)
+    return {"out_dir": str(out), "precision": name, "bytes": _dir_bytes(stage.out_dir, "model.onnx*"),
+            "groups_moved": moved, "groups": len(mix["groups"]), "calib_ppl_increase": cal["ppl_increase"],
+            "bits_per_weight": m["weight_bits"]["bits_per_weight"], "evaluations": mix["search"]["evaluations"]}
 
 
 def build(stage: Stage) -> dict[str, Any]:

@@ -14,7 +14,7 @@ quantized, so the statistics are of exactly the tensors the Q/DQ nodes will see.
 weights and activations, plus at most ``rows`` sampled rows per linear-layer input of that stage.
 
 The cache (``calibration_cache.json`` + ``calibration_rows.npz`` in the output directory) records the
-source ONNX sha256, the calibration text sha256, the tokenizer, samples, sequence length and rows kept;
+source ONNX sha256, the calibration text sha256, the tokenizer, its BOS (or null), samples, sequence length and rows kept;
 it is reused only when all of them match, and rewritten otherwise. The rows file is written while the
 stages run, one stage's arrays at a time.
 """
@@ -136,17 +136,17 @@ class CalibrationStats:
 # the cache
 # --------------------------------------------------------------------------------------------
 def cache_key(source_onnx_sha256: str, text_path: Path, tokenizer_name: str, windows: np.ndarray,
-              linear_inputs: list[str], rows: int) -> dict[str, Any]:
+              linear_inputs: list[str], rows: int, bos_id: int | None = None) -> dict[str, Any]:
     from llmtrt.exporter.files import sha256_file
 
     return {"source_onnx_sha256": source_onnx_sha256, "calib_text": str(text_path),
             "calib_text_sha256": sha256_file(text_path), "tokenizer": tokenizer_name,
-            "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "rows": int(rows),
+            "bos_id": bos_id, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "rows": int(rows),
             "windows_sha256": hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest(),
             "linear_inputs_sha256": hashlib.sha256("\n".join(linear_inputs).encode()).hexdigest()}
 
 
-_KEY_FIELDS = ("source_onnx_sha256", "calib_text_sha256", "tokenizer", "samples", "seq_len", "rows",
+_KEY_FIELDS = ("source_onnx_sha256", "calib_text_sha256", "tokenizer", "bos_id", "samples", "seq_len", "rows",
                "windows_sha256", "linear_inputs_sha256")
 
 

@@ -136,6 +136,20 @@ class Inventory:
                 f"{worst.precision} (activation {worst.activation}, weight {worst.weight['storage']} "
                 f"{worst.weight['scheme']})")
 
+    def contradicts_mix(self, expected: dict[str, str]) -> str | None:
+        """None when every linear named in ``expected`` (module -> label) has that label in the graph (a
+        mixed precision: each group its own scheme); else one line naming the linears that do not."""
+        if not expected:
+            return "the mix names no linear layer"
+        wrong = []
+        for module, label in expected.items():
+            found = self.linear(module)
+            if found is None or found.precision != label:
+                wrong.append(f"{module} is {found.precision if found else 'missing'}, not {label}")
+        if not wrong:
+            return None
+        return f"{len(wrong)} of {len(expected)} linears differ from the mix: " + "; ".join(wrong[:3])
+
     # --- reports ------------------------------------------------------------------------------
     def summary(self) -> str:
         lines = []

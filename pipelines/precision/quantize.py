@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class PrecisionOptions:
     awq_clip: bool = True                  # AWQ's per-block clipping search after the scale search
     awq_rows: int = 128                    # of the sampled rows, how many the AWQ searches use
     quantize_lm_head: str | None = None    # int8 / int4: quantize the lm_head too (default: fp16)
+    add_bos: bool | None = None            # calibration windows start with BOS: None as the checkpoint says, False never
     progress: bool = True
 
     def check(self) -> None:
@@ -202,7 +204,7 @@ def _quantized(name: str) -> Callable[[Rewrite], None]:
         from llmtrt.pipelines.precision import schemes
 
         lins, head = schemes.quantizable(rw)
-        schemes.walk(rw, schemes.SCHEMES[name], lins)
+        schemes.walk(rw, schemes.mixed(rw.mix) if rw.mix is not None else schemes.SCHEMES[name], lins)
         schemes.lm_head_and_tables(rw, head)
         if name.startswith("int4"):
             rw.details["block_size"] = rw.options.block_size
@@ -240,26 +242,41 @@ class _Inputs:
     windows: np.ndarray | None
     text: Path | None
     tokenizer_name: str | None
+    bos_id: int | None = None     # first token of every calibration window, when the tokenizer adds one
 
 
 def quantize(src_dir: str | Path, out_dir: str | Path, precision: str,
              options: PrecisionOptions = PrecisionOptions(),  # noqa: B008 (frozen, immutable)
-             started: Callable[[], None] | None = None) -> Path:
+             started: Callable[[], None] | None = None, *, mix: Any = None, cache_from: Path | None = None,
+             extra_manifest: dict[str, Any] | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
     """Rewrite the fp32 export in ``src_dir`` to ``precision``; writes out_dir/model.onnx (+ data) and
     manifest.json. Returns ``out_dir``. Calibrated precisions also leave calibration_cache.json (+ rows),
     reused next time when the source graph, text, tokenizer, samples, length and rows are unchanged.
     Raises LlmtrtUserError on bad input (before any heavy work; ``started`` is called once the inputs
     passed their checks) and PrecisionContradiction when the written graph is not what was asked for;
-    ``out_dir`` is then left as it was."""
+    ``out_dir`` is then left as it was.
+
+    ``mix`` (:class:`~.mix.Mix`, base ``precision``) writes each group of linears in its own scheme;
+    ``cache_from`` is a directory whose calibration cache may be reused (an artifact of the same source
+    and text); ``extra_manifest`` / ``extra_files`` are added to the manifest / the directory."""
     from llmtrt.exporter.files import artifact_dir
     from llmtrt.pipelines.precision.calibration import CACHE_FILE, ROWS_FILE
 
     t0 = time.perf_counter()
     inputs = _check(Path(src_dir), Path(out_dir), precision, options)
+    if mix is not None:
+        mix.check()
+        if mix.base != precision:
+            raise ValueError(f"mix {mix.name!r} is based on {mix.base}, not {precision}")
     if started is not None:
         started()
     with artifact_dir(out_dir, carry=(CACHE_FILE, ROWS_FILE)) as tmp:
-        _quantize_into(tmp, inputs, options, t0)
+        for name in (CACHE_FILE, ROWS_FILE) if cache_from is not None else ():
+            if (Path(cache_from) / name).is_file() and not (tmp / name).exists():
+                shutil.copyfile(Path(cache_from) / name, tmp / name)
+        _quantize_into(tmp, inputs, options, t0, mix, extra_manifest or {})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return Path(out_dir)
 
 
@@ -280,20 +297,21 @@ def _check(src_dir: Path, out_dir: Path, precision: str, options: PrecisionOptio
         raise LlmtrtUserError(f"--out {out_dir}: is the export directory itself; give a new directory")
     check_out_dir(out_dir)
     load_graph(exported.onnx_path)  # a truncated graph fails here, not half-way
-    windows = text = name = None
+    windows = text = name = bos_id = None
     if entry.calibrated:
         from llmtrt.pipelines.precision.calibration import DEFAULT_CALIB_TEXT, calibration_windows
         from llmtrt.pipelines.runtime.tokenizer import load_tokenizer
 
         text = Path(options.calib_text) if options.calib_text else DEFAULT_CALIB_TEXT
-        tokenizer = load_tokenizer(src_dir)
-        windows = calibration_windows(text, tokenizer, options.calib_samples, options.calib_seq_len,
-                                      bos_id=getattr(tokenizer, "bos_id", None))
+        tokenizer = load_tokenizer(src_dir, add_bos=options.add_bos)
+        bos_id = tokenizer.bos_id if tokenizer.add_bos else None
+        windows = calibration_windows(text, tokenizer, options.calib_samples, options.calib_seq_len, bos_id=bos_id)
         name = getattr(tokenizer, "name", type(tokenizer).__name__)
-    return _Inputs(src_dir, raw, exported, entry, windows, text, name)
+    return _Inputs(src_dir, raw, exported, entry, windows, text, name, bos_id)
 
 
-def _quantize_into(out_dir: Path, inputs: _Inputs, options: PrecisionOptions, t0: float) -> None:
+def _quantize_into(out_dir: Path, inputs: _Inputs, options: PrecisionOptions, t0: float, mix: Any,
+                   extra_manifest: dict[str, Any]) -> None:
     import onnx
 
     from llmtrt.pipelines.precision.graph import Source, TensorSink
@@ -302,7 +320,7 @@ def _quantize_into(out_dir: Path, inputs: _Inputs, options: PrecisionOptions, t0
     entry, exported, raw = inputs.entry, inputs.exported, inputs.raw
     source = Source.open(inputs.src_dir, exported.onnx_path, raw, exported)
     sink = TensorSink(out_dir, source.external)
-    rw = Rewrite(source, options, sink)
+    rw = Rewrite(source, options, sink, mix=mix)
     try:
         if entry.calibrated:
             rw.calibration = _calibration(rw, inputs, out_dir)
@@ -311,14 +329,25 @@ def _quantize_into(out_dir: Path, inputs: _Inputs, options: PrecisionOptions, t0
     finally:
         sink.close()
     inv = inventory(proto)
-    problem = inv.contradicts(entry.name)
+    if mix is None:
+        name, problem = entry.name, inv.contradicts(entry.name)
+    else:
+        from llmtrt.pipelines.precision.mix import LABELS
+
+        name = mix.name
+        problem = inv.contradicts_mix({m: LABELS[s] for m, s in rw.details.get("mix", {}).items()})
     if problem:
-        raise PrecisionContradiction(f"refusing to write a {entry.name} artifact: {problem}. Nothing was written; "
+        raise PrecisionContradiction(f"refusing to write a {name} artifact: {problem}. Nothing was written; "
                                      "--keep-fp32 MODULE keeps named linears out of the precision on purpose")
     path = out_dir / "model.onnx"
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
-    _write_manifest(rw, inputs, path, proto, inv, t0)
+    from llmtrt.pipelines.precision.mix import effective_bits
+
+    extra_manifest = {**extra_manifest, "weight_bits": effective_bits(inv.to_dict())}
+    if mix is not None:
+        extra_manifest["mix"] = {**mix.record, "base": mix.base, "linears": rw.details.pop("mix", {})}
+    _write_manifest(rw, inputs, path, proto, inv, t0, name, extra_manifest)
 
 
 def _calibration(rw: Rewrite, inputs: _Inputs, out_dir: Path):
@@ -334,7 +363,7 @@ def _calibration(rw: Rewrite, inputs: _Inputs, out_dir: Path):
 
         source_sha = onnx_sha256(inputs.exported.onnx_path)
     key = cache_key(source_sha, inputs.text, inputs.tokenizer_name, inputs.windows, linear_inputs,
-                    rw.options.calib_rows)
+                    rw.options.calib_rows, bos_id=inputs.bos_id)
     return Calibration(rw.source, inputs.windows, linear_inputs, out_dir, key, rw.options.calib_rows,
                        progress=rw.options.progress)
 
@@ -357,11 +386,14 @@ def _finish(rw: Rewrite, entry: Precision):
     rw.source.model.metadata_props[KEPT_METADATA] = json.dumps(rw.kept_linears, sort_keys=True)
     proto = rw.sink.finish(rw.source.model)
     if entry.min_opset:
+        from llmtrt.pipelines.precision.opset import raise_opset
+
         rw.details["opset"] = raise_opset(proto, entry.min_opset)
     return proto
 
 
-def _write_manifest(rw: Rewrite, inputs: _Inputs, path: Path, proto, inv, t0: float) -> None:
+def _write_manifest(rw: Rewrite, inputs: _Inputs, path: Path, proto, inv, t0: float, name: str,
+                    extra: dict[str, Any]) -> None:
     from llmtrt.exporter.kv_cache import get_layout
     from llmtrt.pipelines.artifacts import peak_rss_bytes, write_export_manifest
 
@@ -377,7 +409,8 @@ def _write_manifest(rw: Rewrite, inputs: _Inputs, path: Path, proto, inv, t0: fl
     if rw.calibration is not None:
         calibration = {**rw.calibration.stats.summary(), "observer": options.observer or entry.observer or "max"}
     write_export_manifest(result, inputs.raw, extra={
-        "precision": entry.name,
+        **_jsonable(extra),
+        "precision": name,
         "engine_precision": entry.engine_precision,
         "source_onnx": str(exported.onnx_path.resolve()),
         "source_onnx_sha256": inputs.raw.get("onnx_sha256"),
@@ -409,68 +442,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
-
-
-# --------------------------------------------------------------------------------------------
-# opset
-# --------------------------------------------------------------------------------------------
-_REDUCE_AXES_INPUT_AT_18 = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
-                            "ReduceMin", "ReduceProd", "ReduceSumSquare")
-
-
-def raise_opset(model, target: int) -> int:
-    """Raise the default-domain opset (graph and local functions) to at least ``target``; returns it.
-
-    Between 17 and 21 the changes to ops these graphs use are both at opset 18: Reduce* ``axes`` moved
-    from an attribute to an input, and a Split into equal parts (no ``split`` input) must say
-    ``num_outputs``; both done here. The rest only widened type lists.
-    """
-    from onnx import helper, numpy_helper
-
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if current >= target:
-        return current
-    if current < 17:
-        raise LlmtrtUserError(f"graph opset {current} is too old to raise to {target}; re-export with --opset 17 or newer")
-    counter = [0]
-
-    def fix(nodes, add_const) -> None:
-        for n in nodes:
-            if current < 18 and n.op_type in _REDUCE_AXES_INPUT_AT_18:
-                axes = next((a for a in n.attribute if a.name == "axes"), None)
-                if axes is not None:
-                    name = add_const(np.asarray(helper.get_attribute_value(axes), dtype=np.int64))
-                    n.attribute.remove(axes)
-                    n.input.append(name)
-            if current < 18 and n.op_type == "Split" and (len(n.input) < 2 or not n.input[1]) \
-                    and not any(a.name == "num_outputs" for a in n.attribute):
-                n.attribute.append(helper.make_attribute("num_outputs", len(n.output)))
-
-    def graph_const(value):
-        counter[0] += 1
-        t = numpy_helper.from_array(value, f"/precision/reduce_axes_{counter[0]}")
-        model.graph.initializer.append(t)
-        return t.name
-
-    fix(model.graph.node, graph_const)
-    for fn in model.functions:
-        extra = []
-
-        def fn_const(value, extra=extra):
-            counter[0] += 1
-            out = f"reduce_axes_{counter[0]}"
-            extra.append(helper.make_node("Constant", [], [out], value=numpy_helper.from_array(value)))
-            return out
-
-        fix(fn.node, fn_const)
-        if extra:
-            body = extra + list(fn.node)
-            del fn.node[:]
-            fn.node.extend(body)
-        for o in fn.opset_import:
-            if o.domain in ("", "ai.onnx"):
-                o.version = target
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = target
-    return target

@@ -31,6 +31,7 @@ class Rewrite:
     modified: dict[str, np.ndarray] = field(default_factory=dict)  # small fp32 initializers changed in memory
     to_half: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (target, fp32 source, half type)
     stage_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    mix: Any = None                   # mix.Mix: a scheme per group instead of one for all
 
     @property
     def graph(self):

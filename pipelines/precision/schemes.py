@@ -225,4 +225,27 @@ def lm_head_and_tables(rw: Rewrite, head: Linear | None) -> None:
                                  and rw.options.quantize_lm_head is None}
 
 
+def fp16_group(rw: Rewrite, group: list[Linear], stats) -> None:
+    """Every linear of the group computes in fp16 (input cast in, fp16 weight, output cast back to fp32)."""
+    import onnx_ir as ir
+
+    from llmtrt.pipelines.precision.half import half_linear
+
+    for lin in group:
+        half_linear(rw, lin, ir.DataType.FLOAT16)
+        rw.record(lin, {"scheme": "fp16", "initializers": {"weight": lin.weight.name}})
+
+
 SCHEMES: dict[str, Scheme] = {"int8-wo": int8_wo, "int8-sq": int8_sq, "int4-rtn": int4_rtn, "int4-awq": int4_awq}
+MIX_SCHEMES: dict[str, Scheme] = {**SCHEMES, "fp16": fp16_group}
+
+
+def mixed(mix) -> Scheme:
+    """A scheme that writes each group as ``mix`` (a :class:`~.mix.Mix`) says, recording each linear's scheme."""
+    def scheme(rw: Rewrite, group: list[Linear], stats) -> None:
+        name = mix.scheme_of(group[0].module)
+        MIX_SCHEMES[name](rw, group, stats)
+        for lin in group:
+            rw.details.setdefault("mix", {})[lin.module] = name
+
+    return scheme
