@@ -177,7 +177,10 @@ def target_problems(config: PipelineConfig, target: Target) -> list[str]:
                         f">= 10.9), which {release} does not have: use lower: native (ops its parser lacks are "
                         "inlined from their ONNX functions) or lower: inline")
     if config.ops == "standard":
-        needed = set(_STANDARD_OPS) | ({"TensorScatter"} if config.kv_cache == "static" else set())
+        from llmtrt.exporter.kv_cache import get_layout
+
+        in_place = get_layout(config.kv_cache).fixed_capacity  # updated in place: TensorScatter
+        needed = set(_STANDARD_OPS) | ({"TensorScatter"} if in_place else set())
         missing = sorted(needed - caps.native_ops)
         if missing:
             problems.append(f"ops: standard needs native {', '.join(missing)} importers, which {release}'s "

@@ -19,6 +19,7 @@ Artifact tree under ``--out``::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def plan(config: PipelineConfig, out_dir: str | Path, config_path: Path | None =
 
     check_targets(config, config_path)
     out = Path(out_dir)
-    export_dir = out / "onnx" / (config.ops + ("-static" if config.kv_cache == "static" else ""))
+    default_layout = next(f.default for f in dataclasses.fields(config) if f.name == "kv_cache")
+    export_dir = out / "onnx" / (config.ops + ("" if config.kv_cache == default_layout else f"-{config.kv_cache}"))
     artifact = {"fp32": export_dir}
     result = [Stage("export", "export", export_dir, [], {
         "model": config.model, "model_hash": source_fingerprint(resolve_model(config.model, seed=config.seed)),
