@@ -234,38 +234,53 @@ TARGETS = {"fp32 (best dialect) / builder fp32": 1.0, "int8-wo / builder int8": 
            "int4-awq / builder int4": 1.1, "custom / standard (fp32)": 0.95}
 
 
-def prepare_graphs(work: Path, checkpoint: Path, dialects: tuple[str, ...], quantized_dialect: str) -> dict:
+def prepare_graphs(work: Path, checkpoint: Path, dialects: tuple[str, ...], quantized_dialect: str,
+                   prep: dict | None = None, fresh: bool = False) -> dict:
     """Our exports of ``checkpoint`` (fused, last-position logits: what generate runs) in each dialect,
     int8-wo and int4-awq of the ``quantized_dialect`` one (``llmtrt quantize``), and the builder's
-    fp32/int8/int4 graphs; reused when already there. Returns label -> ("ort", onnx path) | ("genai", dir)
-    | ("error", why)."""
+    fp32/int8/int4 graphs; reused when already there unless ``fresh``. Returns label -> ("ort", onnx path)
+    | ("genai", dir) | ("error", why). ``prep`` (when given) gets the seconds of what was made now:
+    ``export <dialect>``, ``quantize <precision>`` (calibration included), ``builder <precision>``."""
+    import shutil
+
     from benchmarks.common import genai_build
     from benchmarks.run import quantize_for_bench
     from llmtrt.exporter.config import resolve_model
     from llmtrt.exporter.onnx_export import ExportOptions
     from llmtrt.pipelines.artifacts import export_artifact
 
+    prep = {} if prep is None else prep
     source, graphs = resolve_model(str(checkpoint)), {}
     for dialect in dialects:
         out = work / "decode-graphs" / dialect
-        if not (out / "manifest.json").is_file():
+        if fresh or not (out / "manifest.json").is_file():
+            t0 = time.perf_counter()
             export_artifact(source, out, ExportOptions(dialect=dialect, logits="last"))
+            prep[f"export {dialect}"] = round(time.perf_counter() - t0, 2)
         graphs[f"{dialect} fp32"] = ("ort", out / "model.onnx")
     for precision in ("int8-wo", "int4-awq"):
         out = work / "decode-graphs" / f"{quantized_dialect}-{precision}"
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
         done = quantize_for_bench(work / "decode-graphs" / quantized_dialect, out, precision)
+        if done.get("quantized") == "now":
+            prep[f"quantize {precision}"] = done["quantize_seconds"]
         graphs[f"{quantized_dialect} {precision}"] = ("error", done["error"]) if "error" in done else \
             ("ort", out / "model.onnx")
     for precision in ("fp32", "int8", "int4"):
         out = work / "genai" / precision
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
         built = {} if (out / "model.onnx").is_file() else genai_build(checkpoint, out, precision)
+        if "export_seconds" in built:
+            prep[f"builder {precision}"] = built["export_seconds"]
         graphs[f"builder {precision}"] = ("error", built["error"]) if "error" in built else ("genai", out)
     return graphs
 
 
 def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len: int = 128,
                        new_tokens: int = 128, dialects: tuple[str, ...] = ("standard", "custom", "decomposed"),
-                       quantized_dialect: str = "standard") -> dict:
+                       quantized_dialect: str = "standard", fresh: bool = False) -> dict:
     """fp32 in every dialect, int8 and int4 against the builder's graph of the same bit width, each group
     measured side by side (:func:`side_by_side`); the ratios of :data:`TARGETS`, and each row's agreement
     with our first dialect's fp32 graph (same checkpoint, same prompt)."""
@@ -274,7 +289,8 @@ def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len
     from llmtrt.exporter.config import resolve_model
 
     config = resolve_model(str(checkpoint)).config
-    graphs = prepare_graphs(work, checkpoint, dialects, quantized_dialect)
+    prep: dict = {}
+    graphs = prepare_graphs(work, checkpoint, dialects, quantized_dialect, prep, fresh)
     load_start = os.getloadavg()
     for precision in ("fp32", "int8", "int4"):  # the same graph in plain ORT, run as ours are
         kind, path = graphs[f"builder {precision}"]
@@ -297,7 +313,7 @@ def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len
             del row[key]
     return {"model": str(checkpoint), "prompt_tokens": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
             "threads": THREADS, "load_average": [load_start, os.getloadavg()], "cpu_count": os.cpu_count(),
-            "rows": rows, "ratios": ratios, "targets": TARGETS, "errors": errors,
+            "rows": rows, "ratios": ratios, "targets": TARGETS, "errors": errors, "prep_seconds": prep,
             "met": {k: ratios[k] >= TARGETS[k] for k in TARGETS if ratios.get(k) is not None}}
 
 
@@ -342,6 +358,8 @@ def format_issue15(report: dict) -> str:
         verdict = "" if target is None or value is None else ("  met" if value >= target else "  NOT met")
         lines.append(f"{key:<46} {'-' if value is None else f'{value:.3f}':>7} "
                      f"{'' if target is None else f'{target:.2f}':>7}{verdict}")
+    if report.get("prep_seconds"):
+        lines.append("made now (s): " + ", ".join(f"{k} {v:g}" for k, v in report["prep_seconds"].items()))
     lines += [f"not measured: {e}" for e in report["errors"]]
     return "\n".join(lines)
 
@@ -357,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds per group (after one warm-up round)")
     ap.add_argument("--dialects", default="standard,custom,decomposed", help="our fp32 dialects, first = reference")
     ap.add_argument("--json", type=Path, help="also write the report here")
+    ap.add_argument("--fresh", action="store_true", help="export, quantize and build every graph anew (timed)")
     args = ap.parse_args(argv)
     report = issue15_comparison(args.work, ensure_checkpoint(args.work, "156m"), rounds=args.rounds,
-                                dialects=tuple(args.dialects.split(",")))
+                                dialects=tuple(args.dialects.split(",")), fresh=args.fresh)
     print(format_issue15(report))
     if args.json:
         from llmtrt.exporter.files import write_json_atomically
