@@ -234,6 +234,11 @@ TARGETS = {"fp32 (best dialect) / builder fp32": 1.0, "int8-wo / builder int8": 
            "int4-awq / builder int4": 1.1, "custom / standard (fp32)": 0.95}
 
 
+# our quantized graphs: (precision, quantize_lm_head). The default keeps the lm_head fp16; the builder's
+# int8/int4 graphs quantize theirs (MatMulNBits), so the like-for-like rows quantize ours too.
+QUANTIZED = (("int8-wo", None), ("int8-wo", "int8"), ("int4-awq", None), ("int4-awq", "int4"))
+
+
 def prepare_graphs(work: Path, checkpoint: Path, dialects: tuple[str, ...], quantized_dialect: str,
                    prep: dict | None = None, fresh: bool = False) -> dict:
     """Our exports of ``checkpoint`` (fused, last-position logits: what generate runs) in each dialect,
@@ -258,14 +263,15 @@ def prepare_graphs(work: Path, checkpoint: Path, dialects: tuple[str, ...], quan
             export_artifact(source, out, ExportOptions(dialect=dialect, logits="last"))
             prep[f"export {dialect}"] = round(time.perf_counter() - t0, 2)
         graphs[f"{dialect} fp32"] = ("ort", out / "model.onnx")
-    for precision in ("int8-wo", "int4-awq"):
-        out = work / "decode-graphs" / f"{quantized_dialect}-{precision}"
+    for precision, lm_head in QUANTIZED:
+        name = precision + (f" lm_head {lm_head}" if lm_head else "")
+        out = work / "decode-graphs" / f"{quantized_dialect}-{name.replace(' ', '-')}"
         if fresh:
             shutil.rmtree(out, ignore_errors=True)
-        done = quantize_for_bench(work / "decode-graphs" / quantized_dialect, out, precision)
+        done = quantize_for_bench(work / "decode-graphs" / quantized_dialect, out, precision, lm_head)
         if done.get("quantized") == "now":
-            prep[f"quantize {precision}"] = done["quantize_seconds"]
-        graphs[f"{quantized_dialect} {precision}"] = ("error", done["error"]) if "error" in done else \
+            prep[f"quantize {name}"] = done["quantize_seconds"]
+        graphs[f"{quantized_dialect} {name}"] = ("error", done["error"]) if "error" in done else \
             ("ort", out / "model.onnx")
     for precision in ("fp32", "int8", "int4"):
         out = work / "genai" / precision
@@ -296,8 +302,10 @@ def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len
         kind, path = graphs[f"builder {precision}"]
         graphs[f"builder {precision} @ort"] = ("builder@ort", path) if kind == "genai" else (kind, path)
     groups = {"fp32": [f"{d} fp32" for d in dialects] + ["builder fp32", "builder fp32 @ort"],
-              "int8": [f"{quantized_dialect} int8-wo", "builder int8", "builder int8 @ort"],
-              "int4": [f"{quantized_dialect} int4-awq", "builder int4", "builder int4 @ort"]}
+              "int8": [f"{quantized_dialect} int8-wo", f"{quantized_dialect} int8-wo lm_head int8", "builder int8",
+                       "builder int8 @ort"],
+              "int4": [f"{quantized_dialect} int4-awq", f"{quantized_dialect} int4-awq lm_head int4", "builder int4",
+                       "builder int4 @ort"]}
     rows: dict[str, dict] = {}
     errors = [f"{label}: {graphs[label][1]}" for label in graphs if graphs[label][0] == "error"]
     for labels in groups.values():
@@ -331,13 +339,15 @@ def _issue15_ratios(rows: dict, dialects: tuple[str, ...], quantized: str) -> di
     known = [r for r in per_dialect.values() if r is not None]
     out = {f"{d} fp32 / builder fp32": r for d, r in per_dialect.items()}
     out["fp32 (best dialect) / builder fp32"] = max(known) if known else None
-    out["int8-wo / builder int8"] = ratio(f"{quantized} int8-wo", "builder int8")
-    out["int4-awq / builder int4"] = ratio(f"{quantized} int4-awq", "builder int4")
+    out["int8-wo / builder int8"] = ratio(f"{quantized} int8-wo lm_head int8", "builder int8")
+    out["int4-awq / builder int4"] = ratio(f"{quantized} int4-awq lm_head int4", "builder int4")
+    out["int8-wo (lm_head fp16) / builder int8"] = ratio(f"{quantized} int8-wo", "builder int8")
+    out["int4-awq (lm_head fp16) / builder int4"] = ratio(f"{quantized} int4-awq", "builder int4")
     out["custom / standard (fp32)"] = ratio("custom fp32", "standard fp32")
     at_ort = [ratio(f"{d} fp32", "builder fp32 @ort") for d in dialects]  # same runtime, same session settings
     out["fp32 (best dialect) / builder fp32 @ort"] = max((r for r in at_ort if r is not None), default=None)
-    out["int8-wo / builder int8 @ort"] = ratio(f"{quantized} int8-wo", "builder int8 @ort")
-    out["int4-awq / builder int4 @ort"] = ratio(f"{quantized} int4-awq", "builder int4 @ort")
+    out["int8-wo / builder int8 @ort"] = ratio(f"{quantized} int8-wo lm_head int8", "builder int8 @ort")
+    out["int4-awq / builder int4 @ort"] = ratio(f"{quantized} int4-awq lm_head int4", "builder int4 @ort")
     return out
 
 
