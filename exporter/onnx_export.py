@@ -33,7 +33,8 @@ LOGITS = ("all", "last")  # which positions the graph's logits cover
 
 @dataclass(frozen=True)
 class ExportOptions:
-    dialect: str = "custom"
+    # standard: the fastest in ONNX Runtime (docs/benchmarks.md); TensorRT < 10.15 needs custom (support matrix)
+    dialect: str = "standard"
     opset: int | None = None  # None: the dialect's default
     max_positions: int | None = None  # rotary table length; None: config.max_position_embeddings
     external_data: bool | None = None  # None: only when the weights are over 1 GiB

@@ -75,7 +75,7 @@ class PipelineConfig:
     model: str
     name: str = "pipeline"
     seed: int = 0
-    dialect: str = field(default="custom", metadata={"choices": ("custom", "standard", "decomposed")})
+    dialect: str = field(default="standard", metadata={"choices": ("custom", "standard", "decomposed")})
     kv_cache: str = field(default="dynamic", metadata={"choices": ("dynamic", "static")})
     max_seq: int | None = None
     precisions: list[str] = field(default_factory=lambda: ["fp32"], metadata={"choices": PRECISIONS})

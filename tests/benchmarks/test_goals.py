@@ -42,3 +42,13 @@ def test_quantize_figures_time_a_real_quantize_and_leave_nothing(tmp_path):
     assert not (tmp_path / "q").exists()
     refused = quantize_figures(export_dir, tmp_path / "q", "int3-nonsense")
     assert "error" in refused and "int3-nonsense" in refused["error"]
+
+
+def test_the_default_dialect_is_one_across_cli_export_options_and_pipeline_config():
+    from benchmarks.goals import default_dialect
+    from llmtrt.pipelines.cli import main
+    from llmtrt.pipelines.pipeline.config import PipelineConfig
+
+    cli = next(p.default for p in main.commands["export"].params if p.name == "dialect")
+    pipeline = PipelineConfig.__dataclass_fields__["dialect"].default
+    assert cli == default_dialect() == pipeline == "standard"  # measured fastest in ONNX Runtime: docs/benchmarks.md
