@@ -356,10 +356,10 @@ def format_issue15(report: dict) -> str:
              f"{report['new_tokens']} new tokens, batch 1, {report['threads']} threads, medians of "
              f"{report['rounds']} interleaved rounds; {report['cpu_count']} cores, load average "
              f"{' -> '.join(f'{a[0]:.2f}' for a in report['load_average'])}",
-             f"{'graph':<22} {'prefill ms':>10} {'tok/s':>8} {'cpu ms/tok':>10} {'max|dlogit|':>11} {'same tok':>8}"]
+             f"{'graph':<30} {'prefill ms':>10} {'tok/s':>8} {'cpu ms/tok':>10} {'max|dlogit|':>11} {'same tok':>8}"]
     for label, r in report["rows"].items():
         diff, same = r.get("max_abs_logit_diff_vs_ref"), r.get("greedy_tokens_equal_ref")
-        lines.append(f"{label:<22} {r['prefill_ms']:>10.1f} {r['decode_tok_s']:>8.1f} "
+        lines.append(f"{label:<30} {r['prefill_ms']:>10.1f} {r['decode_tok_s']:>8.1f} "
                      f"{r['decode_cpu_ms_per_token']:>10.2f} {'-' if diff is None else f'{diff:.2e}':>11} "
                      f"{'-' if same is None else same:>8}")
     lines += ["", f"{'ratio (median of per-round ratios of tok/s)':<46} {'value':>7} {'target':>7}"]

@@ -196,11 +196,11 @@ def format_goals(report: dict) -> str:
     loads = " -> ".join(f"{report[k][0]:.2f}" for k in ("load_average_start", "load_average_end") if k in report)
     lines = [f"issue 15 goals ({'full' if report['full'] else 'quick'} run; {report['cpu_count']} cores, load "
              f"average {loads}; default dialect {report['default_dialect']})",
-             f"{'row':<58} {'before':<26} {'now':>8} {'goal':>8} {'to goal':>7}  met"]
+             f"{'row':<58} {'before':<40} {'now':>8} {'goal':>8} {'to goal':>7}  met"]
     for r in report["rows"]:
         goal = f"{'>=' if r['higher_is_better'] else '<='}{r['target']:g}{r['unit']}"
         met = {True: "yes", False: "NO", None: "-"}[r["met"]]
-        lines.append(f"{r['row']:<58} {r['before']:<26} {num(r['value']):>8} {goal:>8} {num(r['to_goal']):>7}  {met}"
+        lines.append(f"{r['row']:<58} {r['before']:<40} {num(r['value']):>8} {goal:>8} {num(r['to_goal']):>7}  {met}"
                      + (f"  ({r['detail']})" if r["detail"] else ""))
     lines.append("(to goal: now / goal, or goal / now where lower is better: >= 1 is met)")
     if "decode" in report:
