@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench lint fixture clean
+.PHONY: install test demo bench bench-venv bench-smoke lint fixture clean
 
 install: $(STAMP)
 
@@ -25,8 +25,23 @@ test: install
 demo: install
 	$(BIN)/llmtrt pipeline run configs/pipelines/demo.yaml --out $(OUT)/demo
 
-bench: install
+# The issue-15 goal table (156M decode side by side with the onnxruntime-genai builder, int4 preparation,
+# 1.1B-shaped int4-awq quantize), ~20 min on 2 cores; `python -m benchmarks.goals --full` adds 8B-shaped rows.
+bench: install bench-venv
+	$(PY) -m benchmarks.goals --json $(OUT)/bench.json
+
+bench-smoke: install
 	$(PY) -m benchmarks.run --quick
+
+# The peer: onnxruntime-genai's model builder and runtime in their own venv (torch CPU pinned first).
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet "torch==2.13.0"
+	$(BENCH_VENV)/bin/python -m pip install --quiet "onnxruntime-genai==0.18.*" transformers onnx onnxruntime numpy sentencepiece
+	touch $@
+
+bench-venv: $(BENCH_VENV)/.installed
 
 lint: install
 	$(BIN)/ruff check llmtrt exporter plugins pipelines configs tests benchmarks tools

@@ -234,38 +234,59 @@ TARGETS = {"fp32 (best dialect) / builder fp32": 1.0, "int8-wo / builder int8": 
            "int4-awq / builder int4": 1.1, "custom / standard (fp32)": 0.95}
 
 
-def prepare_graphs(work: Path, checkpoint: Path, dialects: tuple[str, ...], quantized_dialect: str) -> dict:
+# our quantized graphs: (precision, quantize_lm_head). The default keeps the lm_head fp16; the builder's
+# int8/int4 graphs quantize theirs (MatMulNBits), so the like-for-like rows quantize ours too.
+QUANTIZED = (("int8-wo", None), ("int8-wo", "int8"), ("int4-awq", None), ("int4-awq", "int4"))
+
+
+def prepare_graphs(work: Path, checkpoint: Path, dialects: tuple[str, ...], quantized_dialect: str,
+                   prep: dict | None = None, fresh: bool = False) -> dict:
     """Our exports of ``checkpoint`` (fused, last-position logits: what generate runs) in each dialect,
     int8-wo and int4-awq of the ``quantized_dialect`` one (``llmtrt quantize``), and the builder's
-    fp32/int8/int4 graphs; reused when already there. Returns label -> ("ort", onnx path) | ("genai", dir)
-    | ("error", why)."""
+    fp32/int8/int4 graphs; reused when already there unless ``fresh``. Returns label -> ("ort", onnx path)
+    | ("genai", dir) | ("error", why). ``prep`` (when given) gets the seconds of what was made now:
+    ``export <dialect>``, ``quantize <precision>`` (calibration included), ``builder <precision>``."""
+    import shutil
+
     from benchmarks.common import genai_build
     from benchmarks.run import quantize_for_bench
     from llmtrt.exporter.config import resolve_model
     from llmtrt.exporter.onnx_export import ExportOptions
     from llmtrt.pipelines.artifacts import export_artifact
 
+    prep = {} if prep is None else prep
     source, graphs = resolve_model(str(checkpoint)), {}
     for dialect in dialects:
         out = work / "decode-graphs" / dialect
-        if not (out / "manifest.json").is_file():
+        if fresh or not (out / "manifest.json").is_file():
+            t0 = time.perf_counter()
             export_artifact(source, out, ExportOptions(dialect=dialect, logits="last"))
+            prep[f"export {dialect}"] = round(time.perf_counter() - t0, 2)
         graphs[f"{dialect} fp32"] = ("ort", out / "model.onnx")
-    for precision in ("int8-wo", "int4-awq"):
-        out = work / "decode-graphs" / f"{quantized_dialect}-{precision}"
-        done = quantize_for_bench(work / "decode-graphs" / quantized_dialect, out, precision)
-        graphs[f"{quantized_dialect} {precision}"] = ("error", done["error"]) if "error" in done else \
+    for precision, lm_head in QUANTIZED:
+        name = precision + (f" lm_head {lm_head}" if lm_head else "")
+        out = work / "decode-graphs" / f"{quantized_dialect}-{name.replace(' ', '-')}"
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        done = quantize_for_bench(work / "decode-graphs" / quantized_dialect, out, precision, lm_head)
+        if done.get("quantized") == "now":
+            prep[f"quantize {name}"] = done["quantize_seconds"]
+        graphs[f"{quantized_dialect} {name}"] = ("error", done["error"]) if "error" in done else \
             ("ort", out / "model.onnx")
     for precision in ("fp32", "int8", "int4"):
         out = work / "genai" / precision
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
         built = {} if (out / "model.onnx").is_file() else genai_build(checkpoint, out, precision)
+        if "export_seconds" in built:
+            prep[f"builder {precision}"] = built["export_seconds"]
         graphs[f"builder {precision}"] = ("error", built["error"]) if "error" in built else ("genai", out)
     return graphs
 
 
 def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len: int = 128,
                        new_tokens: int = 128, dialects: tuple[str, ...] = ("standard", "custom", "decomposed"),
-                       quantized_dialect: str = "standard") -> dict:
+                       quantized_dialect: str = "standard", fresh: bool = False) -> dict:
     """fp32 in every dialect, int8 and int4 against the builder's graph of the same bit width, each group
     measured side by side (:func:`side_by_side`); the ratios of :data:`TARGETS`, and each row's agreement
     with our first dialect's fp32 graph (same checkpoint, same prompt)."""
@@ -274,14 +295,17 @@ def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len
     from llmtrt.exporter.config import resolve_model
 
     config = resolve_model(str(checkpoint)).config
-    graphs = prepare_graphs(work, checkpoint, dialects, quantized_dialect)
+    prep: dict = {}
+    graphs = prepare_graphs(work, checkpoint, dialects, quantized_dialect, prep, fresh)
     load_start = os.getloadavg()
     for precision in ("fp32", "int8", "int4"):  # the same graph in plain ORT, run as ours are
         kind, path = graphs[f"builder {precision}"]
         graphs[f"builder {precision} @ort"] = ("builder@ort", path) if kind == "genai" else (kind, path)
     groups = {"fp32": [f"{d} fp32" for d in dialects] + ["builder fp32", "builder fp32 @ort"],
-              "int8": [f"{quantized_dialect} int8-wo", "builder int8", "builder int8 @ort"],
-              "int4": [f"{quantized_dialect} int4-awq", "builder int4", "builder int4 @ort"]}
+              "int8": [f"{quantized_dialect} int8-wo", f"{quantized_dialect} int8-wo lm_head int8", "builder int8",
+                       "builder int8 @ort"],
+              "int4": [f"{quantized_dialect} int4-awq", f"{quantized_dialect} int4-awq lm_head int4", "builder int4",
+                       "builder int4 @ort"]}
     rows: dict[str, dict] = {}
     errors = [f"{label}: {graphs[label][1]}" for label in graphs if graphs[label][0] == "error"]
     for labels in groups.values():
@@ -297,7 +321,7 @@ def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len
             del row[key]
     return {"model": str(checkpoint), "prompt_tokens": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
             "threads": THREADS, "load_average": [load_start, os.getloadavg()], "cpu_count": os.cpu_count(),
-            "rows": rows, "ratios": ratios, "targets": TARGETS, "errors": errors,
+            "rows": rows, "ratios": ratios, "targets": TARGETS, "errors": errors, "prep_seconds": prep,
             "met": {k: ratios[k] >= TARGETS[k] for k in TARGETS if ratios.get(k) is not None}}
 
 
@@ -315,13 +339,15 @@ def _issue15_ratios(rows: dict, dialects: tuple[str, ...], quantized: str) -> di
     known = [r for r in per_dialect.values() if r is not None]
     out = {f"{d} fp32 / builder fp32": r for d, r in per_dialect.items()}
     out["fp32 (best dialect) / builder fp32"] = max(known) if known else None
-    out["int8-wo / builder int8"] = ratio(f"{quantized} int8-wo", "builder int8")
-    out["int4-awq / builder int4"] = ratio(f"{quantized} int4-awq", "builder int4")
+    out["int8-wo / builder int8"] = ratio(f"{quantized} int8-wo lm_head int8", "builder int8")
+    out["int4-awq / builder int4"] = ratio(f"{quantized} int4-awq lm_head int4", "builder int4")
+    out["int8-wo (lm_head fp16) / builder int8"] = ratio(f"{quantized} int8-wo", "builder int8")
+    out["int4-awq (lm_head fp16) / builder int4"] = ratio(f"{quantized} int4-awq", "builder int4")
     out["custom / standard (fp32)"] = ratio("custom fp32", "standard fp32")
     at_ort = [ratio(f"{d} fp32", "builder fp32 @ort") for d in dialects]  # same runtime, same session settings
     out["fp32 (best dialect) / builder fp32 @ort"] = max((r for r in at_ort if r is not None), default=None)
-    out["int8-wo / builder int8 @ort"] = ratio(f"{quantized} int8-wo", "builder int8 @ort")
-    out["int4-awq / builder int4 @ort"] = ratio(f"{quantized} int4-awq", "builder int4 @ort")
+    out["int8-wo / builder int8 @ort"] = ratio(f"{quantized} int8-wo lm_head int8", "builder int8 @ort")
+    out["int4-awq / builder int4 @ort"] = ratio(f"{quantized} int4-awq lm_head int4", "builder int4 @ort")
     return out
 
 
@@ -330,10 +356,10 @@ def format_issue15(report: dict) -> str:
              f"{report['new_tokens']} new tokens, batch 1, {report['threads']} threads, medians of "
              f"{report['rounds']} interleaved rounds; {report['cpu_count']} cores, load average "
              f"{' -> '.join(f'{a[0]:.2f}' for a in report['load_average'])}",
-             f"{'graph':<22} {'prefill ms':>10} {'tok/s':>8} {'cpu ms/tok':>10} {'max|dlogit|':>11} {'same tok':>8}"]
+             f"{'graph':<30} {'prefill ms':>10} {'tok/s':>8} {'cpu ms/tok':>10} {'max|dlogit|':>11} {'same tok':>8}"]
     for label, r in report["rows"].items():
         diff, same = r.get("max_abs_logit_diff_vs_ref"), r.get("greedy_tokens_equal_ref")
-        lines.append(f"{label:<22} {r['prefill_ms']:>10.1f} {r['decode_tok_s']:>8.1f} "
+        lines.append(f"{label:<30} {r['prefill_ms']:>10.1f} {r['decode_tok_s']:>8.1f} "
                      f"{r['decode_cpu_ms_per_token']:>10.2f} {'-' if diff is None else f'{diff:.2e}':>11} "
                      f"{'-' if same is None else same:>8}")
     lines += ["", f"{'ratio (median of per-round ratios of tok/s)':<46} {'value':>7} {'target':>7}"]
@@ -342,6 +368,8 @@ def format_issue15(report: dict) -> str:
         verdict = "" if target is None or value is None else ("  met" if value >= target else "  NOT met")
         lines.append(f"{key:<46} {'-' if value is None else f'{value:.3f}':>7} "
                      f"{'' if target is None else f'{target:.2f}':>7}{verdict}")
+    if report.get("prep_seconds"):
+        lines.append("made now (s): " + ", ".join(f"{k} {v:g}" for k, v in report["prep_seconds"].items()))
     lines += [f"not measured: {e}" for e in report["errors"]]
     return "\n".join(lines)
 
@@ -357,9 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds per group (after one warm-up round)")
     ap.add_argument("--dialects", default="standard,custom,decomposed", help="our fp32 dialects, first = reference")
     ap.add_argument("--json", type=Path, help="also write the report here")
+    ap.add_argument("--fresh", action="store_true", help="export, quantize and build every graph anew (timed)")
     args = ap.parse_args(argv)
     report = issue15_comparison(args.work, ensure_checkpoint(args.work, "156m"), rounds=args.rounds,
-                                dialects=tuple(args.dialects.split(",")))
+                                dialects=tuple(args.dialects.split(",")), fresh=args.fresh)
     print(format_issue15(report))
     if args.json:
         from llmtrt.exporter.files import write_json_atomically

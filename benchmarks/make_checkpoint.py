@@ -98,10 +98,14 @@ def _encode(x: np.ndarray, dtype: str) -> bytes:
 
 
 def write_checkpoint(out: str | Path, shape: str = "1.1b", dtype: str = "fp32", seed: int = 0,
-                     chunk_elements: int = 1 << 24) -> Path:
+                     chunk_elements: int = 1 << 24, layers: int | None = None) -> Path:
+    """``layers``: that many decoder layers instead of the shape's (an 8B shape whose 32 layers would not
+    fit on the disk: every layer has the same size, so time per layer and peak memory carry over)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(shape)
+    if layers is not None:
+        config["num_hidden_layers"] = layers
     config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     st_dtype, size = _ST_DTYPES[dtype]
     shapes = tensor_shapes(config)
@@ -136,9 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
     ap.add_argument("--dtype", choices=sorted(_ST_DTYPES), default="fp32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     ap.add_argument("--out", required=True, help="directory to write config.json and model.safetensors into")
     args = ap.parse_args(argv)
-    path = write_checkpoint(args.out, args.shape, args.dtype, args.seed)
+    path = write_checkpoint(args.out, args.shape, args.dtype, args.seed, layers=args.layers)
     print(f"wrote {path} ({(path / 'model.safetensors').stat().st_size / 1e9:.2f} GB)")
 
 

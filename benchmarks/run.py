@@ -213,12 +213,12 @@ def run(quick: bool, work: Path, repeats: int, dialects: list[str], with_genai: 
 QUANTIZE_MEMORY_LIMIT = 16 << 30  # address-space cap of the quantize child: fail it, not the shared machine
 
 
-def _quantize_child(src: str, out: str, precision: str) -> None:
+def _quantize_child(src: str, out: str, precision: str, lm_head: str = "") -> None:
     """Runs in a subprocess: quantize one export, print one JSON line with seconds and peak RSS."""
     from llmtrt.pipelines.precision.quantize import PrecisionOptions, quantize
 
     t0 = time.perf_counter()
-    quantize(src, out, precision, PrecisionOptions(progress=False))
+    quantize(src, out, precision, PrecisionOptions(progress=False, quantize_lm_head=lm_head or None))
     print(json.dumps({"quantize_seconds": round(time.perf_counter() - t0, 2),
                       "quantize_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
@@ -227,18 +227,21 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (QUANTIZE_MEMORY_LIMIT, QUANTIZE_MEMORY_LIMIT))
 
 
-def quantize_for_bench(src: Path, out: Path, precision: str) -> dict:
-    """quantize() of ``src`` into ``out`` in a memory-capped subprocess. A graph quantized earlier from
-    the same source graph (manifest source_onnx_sha256 equal to src's onnx_sha256) is reused, with the
-    seconds its manifest recorded."""
+def quantize_for_bench(src: Path, out: Path, precision: str, lm_head: str | None = None) -> dict:
+    """quantize() of ``src`` into ``out`` in a memory-capped subprocess (``lm_head``: its
+    ``quantize_lm_head``). A graph quantized earlier from the same source graph (manifest
+    source_onnx_sha256 equal to src's onnx_sha256) with the same options is reused, with the seconds its
+    manifest recorded."""
     source_sha = json.loads((src / "manifest.json").read_text())["onnx_sha256"]
     manifest = out / "manifest.json"
     if manifest.exists():
         old = json.loads(manifest.read_text())
-        if old.get("precision") == precision and old.get("source_onnx_sha256") == source_sha:
+        if (old.get("precision") == precision and old.get("source_onnx_sha256") == source_sha
+                and old.get("precision_options", {}).get("quantize_lm_head") == lm_head):
             return {"quantize_seconds": old["stats"]["quantize_seconds"],
                     "quantized": "reused: an earlier quantize() of this same source graph"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quantize-child", str(src), str(out), precision],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quantize-child", str(src), str(out), precision,
+                           lm_head or ""],
                           capture_output=True, text=True, check=False, preexec_fn=_limit_memory)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"killed by signal {-proc.returncode}"])[-1]
@@ -353,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="only profile one decode step of our graphs and the builder's (benchmarks.profile_decode) "
                          "on the 156M-shaped model and write DIR/profile.json + the summary table")
     ap.add_argument("--export-child", nargs=3, metavar=("SPEC", "OUT", "DIALECT"), help=argparse.SUPPRESS)
-    ap.add_argument("--quantize-child", nargs=3, metavar=("SRC", "OUT", "PRECISION"), help=argparse.SUPPRESS)
+    ap.add_argument("--quantize-child", nargs=4, metavar=("SRC", "OUT", "PRECISION", "LM_HEAD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.export_child:
         _export_child(*args.export_child)

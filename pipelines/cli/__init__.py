@@ -96,10 +96,12 @@ def main() -> None:
               help="Preset name (tiny, bytes-llama, tinyllama-1.1b, llama-3.2-1b, llama-3.1-8b, ...) or an HF "
                    "checkpoint directory with config.json and model.safetensors (or a sharded index).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--ops", "dialect", type=click.Choice(["custom", "standard", "decomposed"]), default="custom",
+@click.option("--ops", "dialect", type=click.Choice(["custom", "standard", "decomposed"]), default="standard",
               show_default=True,
-              help="custom: llmtrt RMSNorm/RotaryEmbedding/GroupQueryAttention nodes with ONNX function bodies; "
-                   "standard: opset-23 RMSNormalization/RotaryEmbedding/Attention; "
+              help="standard: opset-23 RMSNormalization/RotaryEmbedding/Attention (fastest in ONNX Runtime; "
+                   "TensorRT >= 10.15 / TensorRT-RTX import it); "
+                   "custom: llmtrt RMSNorm/RotaryEmbedding/GroupQueryAttention nodes with ONNX function bodies "
+                   "(any TensorRT: inlined or routed to plugins); "
                    "decomposed: primitive ops only (opset >= 17) for old runtimes.")
 @click.option("--opset", type=int, default=None, help="Default-domain opset (default: 18 custom, 23 standard, 17 decomposed).")
 @click.option("--max-positions", "max_positions", type=int, default=None,

@@ -105,7 +105,7 @@ class PipelineConfig:
     model: str
     name: str = "pipeline"
     seed: int = 0
-    ops: str = field(default="custom", metadata={"choices": ("custom", "standard", "decomposed")})
+    ops: str = field(default="standard", metadata={"choices": ("custom", "standard", "decomposed")})
     kv_cache: str = field(default="dynamic", metadata={"choices": ("dynamic", "static")})
     max_positions: int | None = None
     # fp16, int8-sq, ..., or a base precision with an accuracy budget: int4-awq@ppl+3%, int4-awq@kl0.01

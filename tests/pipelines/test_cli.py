@@ -49,7 +49,7 @@ def test_export_json(tmp_path):
     res = CliRunner().invoke(main, ["export", "--model", "tiny", "--out", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
-    assert summary["ops"] == "custom" and summary["opset"] == 18
+    assert summary["ops"] == "standard" and summary["opset"] == 23
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "manifest.json").is_file()
     assert summary["peak_rss_bytes"] > 0
 

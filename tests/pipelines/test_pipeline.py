@@ -86,8 +86,8 @@ def test_export_stage_is_cached_and_forced(tmp_path):
     args = ["pipeline", "run", str(config), "--out", str(tmp_path / "out"), "--only", "export"]
     first = runner.invoke(main, args)
     assert "export: done" in first.output, first.output
-    record = json.loads((tmp_path / "out/onnx/custom/stage.json").read_text())
-    assert (tmp_path / "out/onnx/custom/model.onnx").is_file() and record["kind"] == "export"
+    record = json.loads((tmp_path / "out/onnx/standard/stage.json").read_text())
+    assert (tmp_path / "out/onnx/standard/model.onnx").is_file() and record["kind"] == "export"
     second = runner.invoke(main, args)
     assert "export: cached" in second.output, second.output
     third = runner.invoke(main, [*args, "--force"])
