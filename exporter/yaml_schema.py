@@ -36,27 +36,26 @@ class _Ctx:
         raise LlmtrtUserError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
-def load_dataclass(cls: type[T], path: str | Path) -> T:
-    """Parse ``path`` as YAML and build ``cls`` from it (see module docstring)."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LlmtrtUserError(f"{path}: no such file") from None
     except UnicodeDecodeError:
         raise LlmtrtUserError(f"{path}: not UTF-8 text") from None
+
+
+def load_dataclass(cls: type[T], path: str | Path) -> T:
+    """Parse ``path`` as YAML and build ``cls`` from it (see module docstring)."""
+    path = Path(path)
+    text = _read_text(path)
     return loads_dataclass(cls, text, str(path))
 
 
 def load_typed(tp: Any, path: str | Path) -> Any:
     """Like :func:`load_dataclass` for any supported type (e.g. ``dict[str, Spec | int]``)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LlmtrtUserError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise LlmtrtUserError(f"{path}: not UTF-8 text") from None
+    text = _read_text(path)
     node = _compose(text, str(path))
     if node is None:
         raise LlmtrtUserError(f"{path}: the file is empty")
