@@ -38,7 +38,7 @@ BENCH_VENV := .venv-bench
 $(BENCH_VENV)/.installed:
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet "torch==2.13.0"
-	$(BENCH_VENV)/bin/python -m pip install --quiet "onnxruntime-genai==0.18.*" transformers onnx onnxruntime numpy sentencepiece
+	$(BENCH_VENV)/bin/python -m pip install --quiet "onnxruntime-genai==0.18.*" transformers onnx onnx-ir onnxruntime numpy sentencepiece
 	touch $@
 
 bench-venv: $(BENCH_VENV)/.installed

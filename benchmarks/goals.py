@@ -3,6 +3,7 @@ with its ratio to the goal (>= 1: met). Prints the table and writes JSON.
 
     python -m benchmarks.goals --json out/bench.json          # make bench: every row but the 8B-shaped ones
     python -m benchmarks.goals --full --json out/bench.json   # + 8B-shaped quantize, 1.1B engine builds
+    python -m benchmarks.goals --rows 8b --layers-8b 32       # only the 8B-shaped quantize rows, all 32 layers
 
 Rows (156M-shaped = benchmarks.make_checkpoint --shape 156m, random init; 2 threads, batch 1):
 - decode: benchmarks.decode.issue15_comparison: our fused, last-logits fp32 graphs in every dialect,
@@ -17,7 +18,8 @@ Rows (156M-shaped = benchmarks.make_checkpoint --shape 156m, random init; 2 thre
 - ``llmtrt quantize --to int4-awq`` of the 1.1B-shaped export: wall seconds and peak RSS (VmHWM);
 - --full: int4-awq / int8-sq / fp16 of an 8B-shaped export with ``--layers-8b`` decoder layers (all 32
   need 48 GB of disk: the row then states the layers measured and the per-layer extrapolation, and
-  counts as met only at 32), and the 1.1B-shaped engine builds (fp32, fp16, int4; no goal: figures).
+  counts as met only at 32), and the 1.1B-shaped engine builds (fp32, fp16, int4): peak RSS <= 1.5x and
+  plan <= 1.05x the weights built.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.engine_build import LLMTRT, sampled_run
+
+ENGINE_PRECISIONS = ("fp32", "fp16", "int4")
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,12 @@ GOALS = {
        for p in ("int4-awq", "int8-sq", "fp16")},
     **{f"8b {p} GB": Goal(f"8B-shaped {p} quantize, peak RSS", "GB", 6.0, False, "impossible in 24 GiB")
        for p in ("int4-awq", "int8-sq", "fp16")},
+    **{f"engine {p} rss": Goal(f"1.1B-shaped {p} engine build, peak RSS / weights", "x", 1.5, False,
+                               "4.8x (fp32, 21.2 GB)" if p == "fp32" else "") for p in ENGINE_PRECISIONS},
+    **{f"engine {p} plan": Goal(f"1.1B-shaped {p} engine build, plan bytes / weights", "x", 1.05, False,
+                                "1.95x (fp32, 8.2 GB)" if p == "fp32" else "") for p in ENGINE_PRECISIONS},
 }
+GROUPS = ("decode", "1.1b", "8b", "engines")  # --rows: what a run measures; --full = all four
 
 
 def goal_row(key: str, value: float | None, detail: str = "", countable: bool = True) -> dict:
@@ -150,10 +159,14 @@ def quantize_rows_8b(work: Path, layers: int) -> tuple[list[dict], dict]:
     from benchmarks.make_checkpoint import SHAPES, write_checkpoint
 
     full = SHAPES["8b"]["num_hidden_layers"]
-    checkpoint = work / f"llama-8b-{layers}l"
-    if not (checkpoint / "model.safetensors").exists():
-        write_checkpoint(checkpoint, "8b", dtype="bf16", layers=layers)
-    export_dir = _export(checkpoint, work / f"export-8b-{layers}l")
+    checkpoint, export_dir = work / f"llama-8b-{layers}l", work / f"export-8b-{layers}l"
+    if not (export_dir / "manifest.json").is_file():
+        if not (checkpoint / "model.safetensors").exists():
+            write_checkpoint(checkpoint, "8b", dtype="bf16", layers=layers)
+        _export(checkpoint, export_dir)
+    # quantize reads only the export (its tokenizer files included): the bf16 checkpoint weights (16 GB at
+    # 32 layers) go, so that the export (32 GB) and the largest output (fp16, 16 GB) fit on the disk together
+    (checkpoint / "model.safetensors").unlink(missing_ok=True)
     rows, figures = [], {"layers": layers, "of_layers": full}
     for precision in ("int4-awq", "int8-sq", "fp16"):
         q = figures[precision] = quantize_figures(export_dir, work / f"quantized-8b-{layers}l", precision)
@@ -169,19 +182,45 @@ def quantize_rows_8b(work: Path, layers: int) -> tuple[list[dict], dict]:
     return rows, figures
 
 
-def run(work: Path, rounds: int = 5, fresh: bool = True, full: bool = False, layers_8b: int = 8) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"full": full, "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
-                    "default_dialect": default_dialect()}
-    rows, report["decode"] = decode_rows(work, rounds, fresh)
-    more, report["quantize_1.1b"] = quantize_rows_1b(work)
-    rows += more
-    if full:
-        from benchmarks.engine_build import measure_engine_builds
+def engine_rows(builds: dict) -> list[dict]:
+    """Peak RSS and plan bytes over the weights of each 1.1B-shaped build (tensorrt-rtx, ahead of time)."""
+    rows = []
+    by_precision = {r["model"].split()[-1]: r for r in builds["rows"]}
+    for p in ENGINE_PRECISIONS:
+        r = by_precision.get(p)
+        if r is None or "error" in r:
+            why = "not built" if r is None else r["error"]
+            rows += [goal_row(f"engine {p} rss", None, why), goal_row(f"engine {p} plan", None, why)]
+            continue
+        detail = f"{r['weights_bytes'] / 1e9:.2f} GB weights, {r['wall_seconds']:.0f} s"
+        rows += [goal_row(f"engine {p} rss", r["peak_rss_over_weights"],
+                          f"{detail}, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB"),
+                 goal_row(f"engine {p} plan", r["plan_over_weights"], f"plan {r['plan_bytes'] / 1e9:.2f} GB")]
+    return rows
 
+
+def run(work: Path, rounds: int = 5, fresh: bool = True, full: bool = False, layers_8b: int = 8,
+        groups: tuple[str, ...] | None = None) -> dict:
+    """Measure the row ``groups`` (default: decode and 1.1b; ``full``: all of :data:`GROUPS`)."""
+    groups = groups or (GROUPS if full else ("decode", "1.1b"))
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"full": set(groups) == set(GROUPS), "groups": list(groups), "cpu_count": os.cpu_count(),
+                    "load_average_start": os.getloadavg(), "default_dialect": default_dialect()}
+    rows: list[dict] = []
+    if "decode" in groups:
+        more, report["decode"] = decode_rows(work, rounds, fresh)
+        rows += more
+    if "1.1b" in groups:
+        more, report["quantize_1.1b"] = quantize_rows_1b(work)
+        rows += more
+    if "8b" in groups:
         more, report["quantize_8b"] = quantize_rows_8b(work, layers_8b)
         rows += more
-        report["engine_builds_1.1b"] = measure_engine_builds(work, precisions=("fp32", "fp16", "int4"))
+    if "engines" in groups:
+        from benchmarks.engine_build import measure_engine_builds
+
+        report["engine_builds_1.1b"] = measure_engine_builds(work, precisions=ENGINE_PRECISIONS)
+        rows += engine_rows(report["engine_builds_1.1b"])
     report["rows"] = rows
     report["load_average_end"] = os.getloadavg()
     return report
@@ -194,7 +233,8 @@ def format_goals(report: dict) -> str:
         return "-" if value is None else f"{value:g}"
 
     loads = " -> ".join(f"{report[k][0]:.2f}" for k in ("load_average_start", "load_average_end") if k in report)
-    lines = [f"issue 15 goals ({'full' if report['full'] else 'quick'} run; {report['cpu_count']} cores, load "
+    what = "full" if report["full"] else "+".join(report.get("groups", ["decode", "1.1b"]))
+    lines = [f"issue 15 goals ({what} run; {report['cpu_count']} cores, load "
              f"average {loads}; default dialect {report['default_dialect']})",
              f"{'row':<58} {'before':<40} {'now':>8} {'goal':>8} {'to goal':>7}  met"]
     for r in report["rows"]:
@@ -223,10 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the 156M graphs already under --work (no int4 preparation row)")
     ap.add_argument("--full", action="store_true", help="also the 8B-shaped quantizations and 1.1B engine builds")
-    ap.add_argument("--layers-8b", type=int, default=8, help="decoder layers of the 8B-shaped model (of 32)")
+    ap.add_argument("--rows", help=f"comma-separated row groups to measure, of {', '.join(GROUPS)} (default: decode,1.1b;"
+                                   " --full: all)")
+    ap.add_argument("--layers-8b", type=int, default=8,
+                    help="decoder layers of the 8B-shaped model (of 32; 32 needs ~50 GB of free disk)")
     ap.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     args = ap.parse_args(argv)
-    report = run(args.work, args.rounds, fresh=not args.reuse, full=args.full, layers_8b=args.layers_8b)
+    groups = None
+    if args.rows:
+        groups = tuple(g.strip() for g in args.rows.split(",") if g.strip())
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown or not groups:
+            ap.error(f"--rows {args.rows!r}: choose from {', '.join(GROUPS)}")
+    report = run(args.work, args.rounds, fresh=not args.reuse, full=args.full, layers_8b=args.layers_8b,
+                 groups=groups)
     print(format_goals(report))
     if args.json:
         from llmtrt.exporter.files import write_json_atomically

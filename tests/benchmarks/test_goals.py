@@ -52,3 +52,17 @@ def test_the_default_dialect_is_one_across_cli_export_options_and_pipeline_confi
     cli = next(p.default for p in main.commands["export"].params if p.name == "dialect")
     pipeline = PipelineConfig.__dataclass_fields__["ops"].default
     assert cli == default_dialect() == pipeline == "standard"  # measured fastest in ONNX Runtime: docs/benchmarks.md
+
+
+def test_engine_rows_hold_rss_and_plan_to_their_goals_and_name_a_failed_build():
+    from benchmarks.goals import engine_rows
+
+    def built(p, rss, plan):
+        return {"model": f"1.1b {p}", "weights_bytes": 4.4e9, "plan_bytes": 4.4e9 * plan, "wall_seconds": 36.0,
+                "peak_rss_bytes": 4.4e9 * rss, "peak_rss_over_weights": rss, "plan_over_weights": plan}
+
+    rows = {r["goal"]: r for r in engine_rows({"rows": [built("fp32", 1.39, 1.003), built("fp16", 4.8, 1.95),
+                                                        {"model": "1.1b int4", "error": "parser: no INT4"}]})}
+    assert rows["engine fp32 rss"]["met"] is True and rows["engine fp32 plan"]["met"] is True
+    assert rows["engine fp16 rss"]["met"] is False and rows["engine fp16 plan"]["met"] is False  # the before
+    assert rows["engine int4 rss"]["met"] is None and "no INT4" in rows["engine int4 rss"]["detail"]

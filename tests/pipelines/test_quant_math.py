@@ -106,6 +106,22 @@ def test_awq_searches_never_worse_than_round_to_nearest():
     assert rtn == pytest.approx(rtn_direct, rel=1e-4)
 
 
+def test_awq_search_threads_follow_idle_cores(monkeypatch):
+    from llmtrt.exporter.errors import LlmtrtUserError
+    from llmtrt.pipelines.precision import awq
+
+    monkeypatch.delenv(awq.THREADS_ENV, raising=False)
+    monkeypatch.setattr(awq.os, "cpu_count", lambda: 2)
+    for load, threads in ((0.1, 2), (1.0, 2), (1.4, 2), (2.0, 1), (6.0, 1)):  # this process's own load is idle
+        monkeypatch.setattr(awq.os, "getloadavg", lambda load=load: (load, load, load))
+        assert awq.search_threads() == threads, load
+    monkeypatch.setenv(awq.THREADS_ENV, "3")
+    assert awq.search_threads() == 3
+    monkeypatch.setenv(awq.THREADS_ENV, "two")
+    with pytest.raises(LlmtrtUserError, match="LLMTRT_SEARCH_THREADS"):
+        awq.search_threads()
+
+
 def test_observers():
     values = np.abs(np.concatenate([np.linspace(0, 1, 10001), [50.0]]))
     assert qm.observe_max(values) == 50.0

@@ -211,3 +211,39 @@ def test_onnxruntime_runner_infer_is_one_graph_call(tmp_path):
         feed = prefill_feed(BATCH, CONFIG, runner.layout, DecodePlan(TOKENS, 6))
         out = runner.infer(feed)
     assert out["logits"].shape == (2, 4, CONFIG.vocab_size) and out["present.1.value"].shape[2] == 4
+
+
+def test_ort_spinning_follows_idle_cores_and_the_environment(monkeypatch, tmp_path):
+    """ONNX Runtime's worker threads spin only while the cores are idle; $LLMTRT_ORT_SPINNING overrides,
+    and a bad value is a clear error; the choice reaches the session's config."""
+    from llmtrt.exporter.errors import LlmtrtUserError
+    from llmtrt.pipelines.runtime import runners
+
+    monkeypatch.delenv(runners.SPINNING_ENV, raising=False)
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, spin in ((0.2, True), (1.4, True), (1.6, False), (4.0, False)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert runners.spinning_wanted(2) is spin, load
+    monkeypatch.setenv(runners.SPINNING_ENV, "1")
+    assert runners.spinning_wanted(2) is True
+    monkeypatch.setenv(runners.SPINNING_ENV, "off")
+    assert runners.spinning_wanted(2) is False
+    monkeypatch.setenv(runners.SPINNING_ENV, "sometimes")
+    with pytest.raises(LlmtrtUserError, match="LLMTRT_ORT_SPINNING"):
+        runners.spinning_wanted(2)
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    for spinning, entry in ((True, "1"), (False, "0")):
+        opts = ort.SessionOptions()
+        runners.ort_session(path, options=opts, spinning=spinning)
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == entry
