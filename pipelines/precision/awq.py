@@ -15,7 +15,8 @@ the block's B x B Gram matrix (every sampled row counts, at the cost of B rows);
 1, 0.85, 0.7, 0.55 then the best +-0.05: 6 fake quantizations of the layer and 6 ``B x in x out``
 products. Work goes in column chunks of about CHUNK_ELEMENTS weights, so temporaries stay small.
 Per-column errors are summed in fp32 (128 terms each; the totals in fp64), the fake quantization runs
-in place: on the 1.1B-shaped model these two halved the elementwise time of the clip search.
+in place, and the searches use the idle cores: together, 1.1B-shaped int4-awq quantize 204 s -> 152 s on
+an idle 2-core machine (docs/precision.md; not measured one change at a time).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ THREADS_ENV = "LLMTRT_SEARCH_THREADS"
 
 def search_threads() -> int:
     """Torch threads for the searches: $LLMTRT_SEARCH_THREADS when set, else the idle cores
-    (:func:`llmtrt.pipelines.cpu.idle_cores`, rounded), at least 1. Torch's thread pool spins: on a busy
-    machine two threads ran the searches 5-10x slower than one, on an idle 2-core machine two threads
-    run the clip search's GEMMs ~1.8x faster."""
+    (:func:`llmtrt.pipelines.cpu.idle_cores`, rounded), at least 1, at most torch's own thread count.
+    Torch's thread pool spins: on a busy machine two threads ran the searches 5-10x slower than one;
+    on an idle machine one thread leaves a core unused."""
     from llmtrt.pipelines.cpu import idle_cores
 
     value = os.environ.get(THREADS_ENV)
@@ -57,7 +58,7 @@ def search_threads() -> int:
     return max(1, int(idle_cores() + 0.5))
 
 
-class single_thread:
+class search_thread_scope:
     """Torch on :func:`search_threads` threads for the searches (one on a busy machine), restored after."""
 
     def __enter__(self):
@@ -115,7 +116,7 @@ def search_scales(x: np.ndarray, channel_mean: np.ndarray, weights: list[np.ndar
     torch = _torch()
     candidates = [candidate_scales(channel_mean, k / grid) for k in range(grid + 1)]
     errors = np.zeros(grid + 1)
-    with torch.no_grad(), single_thread():
+    with torch.no_grad(), search_thread_scope():
         X = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         S = [torch.from_numpy(s) for s in candidates]
         XS = [X / s for s in S]
@@ -156,7 +157,7 @@ def search_clip(x: np.ndarray, w: np.ndarray, block_size: int, coarse: tuple[flo
     best_amax = np.empty((nb, cols_total), dtype=np.float32)
     total = unclipped = 0.0
     lo, hi = min(coarse), max(coarse)
-    with torch.no_grad(), single_thread():
+    with torch.no_grad(), search_thread_scope():
         G = block_grams(x, block_size)                                              # [nb, B, B]
         W = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
         step = max(1, CHUNK_ELEMENTS // max(1, rows))
