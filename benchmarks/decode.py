@@ -43,11 +43,12 @@ class Pass:
 class OrtDecoder:
     """An ONNX graph of ours in llmtrt's ONNX Runtime runner (what validate and generate run)."""
 
-    def __init__(self, onnx_path: Path, config, layout: str = "dynamic", threads: int = THREADS) -> None:
+    def __init__(self, onnx_path: Path, config, layout: str = "dynamic", threads: int = THREADS,
+                 contrib: bool | None = None) -> None:
         from llmtrt.pipelines.runtime.runners import OnnxRuntimeRunner
 
         self.config = config
-        self.runner = OnnxRuntimeRunner(onnx_path, config, layout, threads=threads)
+        self.runner = OnnxRuntimeRunner(onnx_path, config, layout, threads=threads, contrib=contrib)
 
     def __enter__(self) -> OrtDecoder:
         self.runner.activate()
@@ -108,10 +109,10 @@ class GenaiDecoder:
 
 
 class BuilderInOrt:
-    """A builder graph in plain ONNX Runtime with our runner's session settings (2 threads that sleep
-    instead of spinning) and a growing cache fed like ours: the same runtime conditions as our graphs, so
-    the kernels are compared, not the runtimes. Timing only: the builder's graph expects its runtime's
-    shared KV buffers, and fed this way its greedy tokens drift from PyTorch after the first one."""
+    """A builder graph in plain ONNX Runtime with our runner's session settings and the builder runtime's way
+    of feeding it (past and present bound to one full-length buffer per layer, which its GroupQueryAttention
+    appends to in place): the same runtime conditions as our graphs, so the graphs are compared, not the
+    runtimes."""
 
     def __init__(self, model_dir: Path, config, threads: int = THREADS) -> None:
         self.path, self.config, self.threads, self.session = Path(model_dir) / "model.onnx", config, threads, None
@@ -120,29 +121,36 @@ class BuilderInOrt:
         from llmtrt.pipelines.runtime.runners import ort_session
 
         self.session = ort_session(self.path, threads=self.threads)
-        self.outputs = [o.name for o in self.session.get_outputs()]
         return self
 
     def __exit__(self, *exc) -> None:
         self.session = None
 
-    def _step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, past[0].shape[2] + ids.shape[1]), dtype=np.int64)}
+    def _step(self, ids: np.ndarray, total: int, buffers: list[np.ndarray]) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_output("logits")
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         for i in range(self.config.num_hidden_layers):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
-        outs = self.session.run(self.outputs, feeds)
-        return outs[0], outs[1:]
+            for k, kind in enumerate(("key", "value")):
+                buf = buffers[2 * i + k]
+                args = ("cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+                binding.bind_input(f"past_key_values.{i}.{kind}", *args)
+                binding.bind_output(f"present.{i}.{kind}", *args)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
     def run(self, prompt_len: int, new_tokens: int) -> Pass:
         c = self.config
-        past = [np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32) for _ in range(2 * c.num_hidden_layers)]
+        shape = (1, c.num_key_value_heads, prompt_len + new_tokens + 1, c.head_dim)
+        buffers = [np.zeros(shape, np.float32) for _ in range(2 * c.num_hidden_layers)]
         t0 = time.perf_counter()
-        logits, past = self._step(prompt_ids(c.vocab_size, prompt_len), past)
+        logits = self._step(np.asarray(prompt_ids(c.vocab_size, prompt_len)).reshape(1, -1), prompt_len, buffers)
         prefill_s, first, tokens = time.perf_counter() - t0, logits[0, -1].copy(), []
         t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(new_tokens):
+        for k in range(new_tokens):
             tokens.append(int(logits[0, -1].argmax()))
-            logits, past = self._step(np.array([[tokens[-1]]], dtype=np.int64), past)
+            logits = self._step(np.array([[tokens[-1]]], dtype=np.int64), prompt_len + k + 1, buffers)
         return Pass(prefill_s, time.perf_counter() - t0, time.process_time() - c0, tokens, first)
 
 
@@ -234,6 +242,8 @@ TARGETS = {"fp32 (best dialect) / builder fp32": 1.0, "int8-wo / builder int8": 
            "int4-awq / builder int4": 1.1, "custom / standard (fp32)": 0.95}
 
 
+AS_WRITTEN = "as written"  # label suffix: the graph run without the runner's contrib-kernel rewrite
+
 # our quantized graphs: (precision, quantize_lm_head). The default keeps the lm_head fp16; the builder's
 # int8/int4 graphs quantize theirs (MatMulNBits), so the like-for-like rows quantize ours too.
 QUANTIZED = (("int8-wo", None), ("int8-wo", "int8"), ("int4-awq", None), ("int4-awq", "int4"))
@@ -301,11 +311,18 @@ def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len
     for precision in ("fp32", "int8", "int4"):  # the same graph in plain ORT, run as ours are
         kind, path = graphs[f"builder {precision}"]
         graphs[f"builder {precision} @ort"] = ("builder@ort", path) if kind == "genai" else (kind, path)
-    groups = {"fp32": [f"{d} fp32" for d in dialects] + ["builder fp32", "builder fp32 @ort"],
-              "int8": [f"{quantized_dialect} int8-wo", f"{quantized_dialect} int8-wo lm_head int8", "builder int8",
-                       "builder int8 @ort"],
-              "int4": [f"{quantized_dialect} int4-awq", f"{quantized_dialect} int4-awq lm_head int4", "builder int4",
-                       "builder int4 @ort"]}
+    # our graphs as written, without the runner's ONNX Runtime contrib kernels (pipelines/runtime/ort_fusion.py)
+    written = [f"{quantized_dialect} fp32", f"{quantized_dialect} int8-wo lm_head int8",
+               f"{quantized_dialect} int4-awq lm_head int4"]
+    for label in written:
+        kind, path = graphs.get(label, ("error", f"no {label} graph"))
+        graphs[f"{label} {AS_WRITTEN}"] = ("ort-written", path) if kind == "ort" else (kind, path)
+    groups = {"fp32": [f"{d} fp32" for d in dialects] + [f"{written[0]} {AS_WRITTEN}", "builder fp32",
+                                                           "builder fp32 @ort"],
+              "int8": [f"{quantized_dialect} int8-wo", f"{quantized_dialect} int8-wo lm_head int8",
+                       f"{written[1]} {AS_WRITTEN}", "builder int8", "builder int8 @ort"],
+              "int4": [f"{quantized_dialect} int4-awq", f"{quantized_dialect} int4-awq lm_head int4",
+                       f"{written[2]} {AS_WRITTEN}", "builder int4", "builder int4 @ort"]}
     rows: dict[str, dict] = {}
     errors = [f"{label}: {graphs[label][1]}" for label in graphs if graphs[label][0] == "error"]
     for labels in groups.values():
@@ -327,8 +344,8 @@ def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len
 
 def _decoder(graph: tuple[str, Path], config):
     kind, path = graph
-    return {"ort": lambda: OrtDecoder(path, config), "genai": lambda: GenaiDecoder(path),
-            "builder@ort": lambda: BuilderInOrt(path, config)}[kind]()
+    return {"ort": lambda: OrtDecoder(path, config), "ort-written": lambda: OrtDecoder(path, config, contrib=False),
+            "genai": lambda: GenaiDecoder(path), "builder@ort": lambda: BuilderInOrt(path, config)}[kind]()
 
 
 def _issue15_ratios(rows: dict, dialects: tuple[str, ...], quantized: str) -> dict:
@@ -348,6 +365,8 @@ def _issue15_ratios(rows: dict, dialects: tuple[str, ...], quantized: str) -> di
     out["fp32 (best dialect) / builder fp32 @ort"] = max((r for r in at_ort if r is not None), default=None)
     out["int8-wo / builder int8 @ort"] = ratio(f"{quantized} int8-wo lm_head int8", "builder int8 @ort")
     out["int4-awq / builder int4 @ort"] = ratio(f"{quantized} int4-awq lm_head int4", "builder int4 @ort")
+    for label in (f"{quantized} fp32", f"{quantized} int8-wo lm_head int8", f"{quantized} int4-awq lm_head int4"):
+        out[f"{label}: contrib kernels / {AS_WRITTEN}"] = ratio(label, f"{label} {AS_WRITTEN}")
     return out
 
 
@@ -356,17 +375,17 @@ def format_issue15(report: dict) -> str:
              f"{report['new_tokens']} new tokens, batch 1, {report['threads']} threads, medians of "
              f"{report['rounds']} interleaved rounds; {report['cpu_count']} cores, load average "
              f"{' -> '.join(f'{a[0]:.2f}' for a in report['load_average'])}",
-             f"{'graph':<30} {'prefill ms':>10} {'tok/s':>8} {'cpu ms/tok':>10} {'max|dlogit|':>11} {'same tok':>8}"]
+             f"{'graph':<44} {'prefill ms':>10} {'tok/s':>8} {'cpu ms/tok':>10} {'max|dlogit|':>11} {'same tok':>8}"]
     for label, r in report["rows"].items():
         diff, same = r.get("max_abs_logit_diff_vs_ref"), r.get("greedy_tokens_equal_ref")
-        lines.append(f"{label:<30} {r['prefill_ms']:>10.1f} {r['decode_tok_s']:>8.1f} "
+        lines.append(f"{label:<44} {r['prefill_ms']:>10.1f} {r['decode_tok_s']:>8.1f} "
                      f"{r['decode_cpu_ms_per_token']:>10.2f} {'-' if diff is None else f'{diff:.2e}':>11} "
                      f"{'-' if same is None else same:>8}")
-    lines += ["", f"{'ratio (median of per-round ratios of tok/s)':<46} {'value':>7} {'target':>7}"]
+    lines += ["", f"{'ratio (median of per-round ratios of tok/s)':<62} {'value':>7} {'target':>7}"]
     for key, value in report["ratios"].items():
         target = report["targets"].get(key)
         verdict = "" if target is None or value is None else ("  met" if value >= target else "  NOT met")
-        lines.append(f"{key:<46} {'-' if value is None else f'{value:.3f}':>7} "
+        lines.append(f"{key:<62} {'-' if value is None else f'{value:.3f}':>7} "
                      f"{'' if target is None else f'{target:.2f}':>7}{verdict}")
     if report.get("prep_seconds"):
         lines.append("made now (s): " + ", ".join(f"{k} {v:g}" for k, v in report["prep_seconds"].items()))

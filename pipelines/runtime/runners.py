@@ -191,11 +191,23 @@ def spinning_wanted(threads: int | None) -> bool:
     return idle_cores() >= (threads or os.cpu_count() or 1) - 0.5  # the load average lags a finished job
 
 
+CONTRIB_ENV = "LLMTRT_ORT_CONTRIB"
+
+
+def contrib_wanted() -> bool:
+    """Whether ONNX Runtime runs a graph's attention and norms as its com.microsoft kernels
+    (:mod:`llmtrt.pipelines.runtime.ort_fusion`): $LLMTRT_ORT_CONTRIB 1 (default) or 0 (the graph exactly
+    as written, e.g. to check what a plain ONNX Runtime user of the file gets)."""
+    from llmtrt.pipelines.cpu import env_choice
+
+    return env_choice(CONTRIB_ENV, {"1": True, "on": True, "0": False, "off": False}) is not False
+
+
 def ort_session(onnx_path: str | Path, *, provider: str = "cpu", threads: int | None = None,
                 keep_all_tensors: bool = False, options: Any = None, model_bytes: bytes | None = None,
                 spinning: bool | None = None) -> Any:
     """The one place llmtrt opens an ONNX Runtime session; errors name the file. ``spinning`` None:
-    :func:`spinning_wanted`."""
+    :func:`spinning_wanted`. With ``model_bytes``, external weights are read from ``onnx_path``'s folder."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -208,6 +220,9 @@ def ort_session(onnx_path: str | Path, *, provider: str = "cpu", threads: int | 
                               f"{', '.join(available)}); pip install onnxruntime-gpu, or use --provider cpu")
     so = options or ort.SessionOptions()
     so.log_severity_level = 3  # static caches log a TensorScatter copy note per node per step
+    if model_bytes is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    str(Path(onnx_path).parent))
     spin = spinning_wanted(threads) if spinning is None else spinning
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if threads:
@@ -240,7 +255,7 @@ class OnnxRuntimeRunner(DecoderRunner):
     def __init__(self, onnx_path: str | Path, config: ModelConfig, layout: KVLayout | str = "dynamic", *,
                  max_positions: int | None = None, provider: str = "cpu", threads: int | None = None,
                  name: str = "onnxruntime", session_factory: Callable[[], Any] | None = None,
-                 label: str = "", spinning: bool | None = None) -> None:
+                 label: str = "", spinning: bool | None = None, contrib: bool | None = None) -> None:
         import onnxruntime as ort
 
         from llmtrt.pipelines.engine.profiles import max_positions_from_file
@@ -251,6 +266,9 @@ class OnnxRuntimeRunner(DecoderRunner):
         super().__init__(config, layout, max_positions, name,
                          f"ONNX Runtime {ort.__version__} {provider} ({self.onnx_path}{label}, {layout.name} cache)")
         self.provider, self.threads, self.spinning = provider, threads, spinning
+        self.contrib = contrib_wanted() if contrib is None else contrib
+        self.fused = None  # what ort_fusion rewrote, once the session is open
+        self.shared_buffers = False
         self.bf16_emulated = session_factory is None and provider == "cpu" and _is_bf16_artifact(self.onnx_path)
         if self.bf16_emulated:
             self.description += "; bf16 emulated: bf16 storage, fp32 arithmetic, every bf16 result rounded"
@@ -268,28 +286,89 @@ class OnnxRuntimeRunner(DecoderRunner):
                    label=f", {exported.dialect} ops", **kwargs)
 
     def _open(self) -> Any:
-        """ONNX Runtime CPU has no bf16 kernels: a bf16 graph runs as its fp32 emulation (what a GPU
+        """The graph as written, or (``contrib``) with its attention and norms rewritten to ONNX Runtime's
+        contrib kernels (pipelines/runtime/ort_fusion.py; external weights stay where they are).
+        ONNX Runtime CPU has no bf16 kernels: a bf16 graph runs as its fp32 emulation (what a GPU
         computes: bf16 storage, fp32 arithmetic, results rounded to bf16; precision/bf16_emulation.py)."""
-        if not self.bf16_emulated:
+        if not (self.bf16_emulated or self.contrib):
             return ort_session(self.onnx_path, provider=self.provider, threads=self.threads, spinning=self.spinning)
         import onnx
 
-        from llmtrt.pipelines.precision.bf16_emulation import emulate_bf16
+        model = onnx.load(str(self.onnx_path), load_external_data=False)
+        if self.bf16_emulated:
+            from llmtrt.pipelines.precision.bf16_emulation import emulate_bf16
 
-        model = emulate_bf16(onnx.load(str(self.onnx_path), load_external_data=False), str(self.onnx_path.parent))
+            model = emulate_bf16(model, str(self.onnx_path.parent))
+        if self.contrib:
+            from llmtrt.pipelines.runtime.ort_fusion import fuse_for_ort
+
+            model, self.fused = fuse_for_ort(model)
+            if self.fused.attention or self.fused.norms:
+                self.description += f"; ONNX Runtime contrib kernels: {self.fused}"
+            else:
+                self.fused = None
+            if self.fused is None and not self.bf16_emulated:
+                return ort_session(self.onnx_path, provider=self.provider, threads=self.threads,
+                                   spinning=self.spinning)
         return ort_session(self.onnx_path, provider=self.provider, threads=self.threads, spinning=self.spinning,
                            model_bytes=model.SerializeToString())
 
     def activate_impl(self) -> None:
+        self.description = self._base_description = getattr(self, "_base_description", self.description)
+        self.fused = None
         self.session = self._factory()
         self._types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         past = self._types.get("past_key_values.0.key")
         self.cache_dtype = past if past is not None else np.float32
         if self.session.get_providers()[0] != "CPUExecutionProvider":
             self.description = self.description.replace(f" {self.provider} ", f" {self.session.get_providers()[0]} ")
+        # Every attention a GroupQueryAttention on a growing cache: the decode API keeps the cache in buffers
+        # of full capacity that the kernel reads and appends to in place (past and present bound to one
+        # buffer, as onnxruntime-genai runs its graphs), instead of a new, longer present every step.
+        self.shared_buffers = (self.fused is not None and not self.fused.skipped and not self.layout.fixed_capacity
+                               and self.fused.attention == self.config.num_hidden_layers
+                               and self.session.get_providers()[0] == "CPUExecutionProvider")
+        if self.shared_buffers:
+            self.description += "; KV cache in shared past/present buffers"
 
     def deactivate_impl(self) -> None:
         self.session = None
+
+    # -- shared past/present buffers (GroupQueryAttention graphs) ------------------------------------
+    def new_cache(self, batch: int, capacity: int | None = None) -> CacheState:
+        state = super().new_cache(batch, capacity)
+        if self.shared_buffers:
+            b, heads, _, dim = state.tensors[0].shape
+            state.tensors = [np.zeros((b, heads, state.capacity, dim), dtype=self.cache_dtype)
+                             for _ in state.tensors]
+        return state
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, new_mask: np.ndarray,
+             state: CacheState) -> np.ndarray:
+        if not self.shared_buffers:
+            return super().step(input_ids, position_ids, new_mask, state)
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+                 **self.layout.step_inputs(new_mask, state)}
+        binding = self.session.io_binding()
+        binding.bind_output("logits")  # first: get_outputs() lists outputs in the order they were bound
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for i in range(self.config.num_hidden_layers):
+            for k, kind in enumerate(("key", "value")):
+                buffer = state.tensors[2 * i + k]
+                args = ("cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+                binding.bind_input(f"past_key_values.{i}.{kind}", *args)
+                binding.bind_output(f"present.{i}.{kind}", *args)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        state.mask = feeds["attention_mask"]
+        return np.asarray(logits, dtype=np.float32)
+
+    def cache_on_host(self, state: CacheState) -> list[np.ndarray]:
+        if not self.shared_buffers:
+            return super().cache_on_host(state)
+        return [np.asarray(t[:, :, :state.length], dtype=np.float32) for t in state.tensors]
 
     def _call(self, feeds):
         feeds = {k: np.asarray(v).astype(self._types.get(k, np.asarray(v).dtype), copy=False)

@@ -111,10 +111,12 @@ def test_awq_search_threads_follow_idle_cores(monkeypatch):
     from llmtrt.pipelines.precision import awq
 
     monkeypatch.delenv(awq.THREADS_ENV, raising=False)
+    from llmtrt.pipelines import cpu
+
     monkeypatch.setattr(awq.os, "cpu_count", lambda: 2)
-    for load, threads in ((0.1, 2), (1.0, 2), (1.4, 2), (2.0, 1), (6.0, 1)):  # this process's own load is idle
-        monkeypatch.setattr(awq.os, "getloadavg", lambda load=load: (load, load, load))
-        assert awq.search_threads() == threads, load
+    for others, threads in ((0.0, 2), (0.4, 2), (1.0, 1), (5.0, 1)):  # cores busy with other processes
+        monkeypatch.setattr(cpu, "_others_busy", lambda others=others: others)
+        assert awq.search_threads() == threads, others
     monkeypatch.setenv(awq.THREADS_ENV, "3")
     assert awq.search_threads() == 3
     monkeypatch.setenv(awq.THREADS_ENV, "two")

@@ -4,6 +4,7 @@ logic checked on CPU (every step's feeds must satisfy the engine manifest's prof
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -222,7 +223,13 @@ def test_ort_spinning_follows_idle_cores_and_the_environment(monkeypatch, tmp_pa
     monkeypatch.delenv(runners.SPINNING_ENV, raising=False)
     import os
 
+    from llmtrt.pipelines import cpu
+
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for others, spin in ((0.0, True), (0.4, True), (0.6, False), (3.0, False)):  # cores busy with other processes
+        monkeypatch.setattr(cpu, "_others_busy", lambda others=others: others)
+        assert runners.spinning_wanted(2) is spin, others
+    monkeypatch.setattr(cpu, "_others_busy", lambda: None)  # no /proc: the load average, our own thread idle
     for load, spin in ((0.2, True), (1.4, True), (1.6, False), (4.0, False)):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         assert runners.spinning_wanted(2) is spin, load
@@ -247,3 +254,41 @@ def test_ort_spinning_follows_idle_cores_and_the_environment(monkeypatch, tmp_pa
         opts = ort.SessionOptions()
         runners.ort_session(path, options=opts, spinning=spinning)
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == entry
+
+
+def test_idle_cores_counts_other_processes_not_this_one(monkeypatch):
+    """A busy thread of this process leaves the cores "idle" for llmtrt's choices; a busy other process does not."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from llmtrt.pipelines import cpu
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc on this platform: idle_cores falls back to the load average")
+
+    def sample() -> float:
+        monkeypatch.setattr(cpu, "_cached", None)
+        return cpu._others_busy()
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    time.sleep(0.05)
+    own_busy = sample()
+    stop.set()
+    spinner.join()
+    other = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.1)
+        other_busy = sample()
+    finally:
+        other.kill()
+        other.wait()
+    assert other_busy - own_busy > 0.5, (own_busy, other_busy)
