@@ -36,19 +36,25 @@ def sampled_run(cmd: list[str], interval: float = 0.05) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     status = Path(f"/proc/{proc.pid}/status")
+    timeline: list[list[float]] = []  # [seconds, RSS MB, anonymous MB] whenever RSS moved by 100 MB or more
     while proc.poll() is None:
         try:
+            now = {}
             for line in status.read_text().splitlines():
                 key, _, value = line.partition(":")
-                if key in peaks:
-                    peaks[key] = max(peaks[key], int(value.split()[0]) << 10)
+                if key in peaks or key == "VmRSS":
+                    now[key] = int(value.split()[0]) << 10
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], now[key])
+            if "VmRSS" in now and (not timeline or abs(now["VmRSS"] / 2**20 - timeline[-1][1]) >= 100):
+                timeline.append([round(time.perf_counter() - t0, 2), now["VmRSS"] >> 20, now.get("RssAnon", 0) >> 20])
         except (FileNotFoundError, ProcessLookupError, ValueError):
             pass
         time.sleep(interval)
     out, err = proc.communicate()
     return {"rc": proc.returncode, "wall_seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_bytes": peaks["VmHWM"], "peak_anon_bytes": peaks["RssAnon"], "peak_file_bytes": peaks["RssFile"],
-            "stdout": out, "stderr_tail": "\n".join(err.strip().splitlines()[-3:])}
+            "rss_timeline_mb": timeline, "stdout": out, "stderr_tail": "\n".join(err.strip().splitlines()[-3:])}
 
 
 def build_row(export_dir: Path, out: Path, label: str, max_kv: int = 2047, extra: tuple[str, ...] = ()) -> dict:
@@ -70,6 +76,7 @@ def build_row(export_dir: Path, out: Path, label: str, max_kv: int = 2047, extra
             "build_seconds": summary["build_seconds"], "peak_rss_bytes": run["peak_rss_bytes"],
             "peak_rss_over_weights": round(run["peak_rss_bytes"] / weights, 3),
             "peak_anon_bytes": run["peak_anon_bytes"], "peak_anon_over_weights": round(run["peak_anon_bytes"] / weights, 3),
+            "rss_timeline_mb": run["rss_timeline_mb"],
             "network_layers": summary["layers"], "fused_gemm_groups": manifest["lowering"]["fused_gemm_groups"],
             "profiles": [p["name"] for p in manifest["profiles"]]}
 
@@ -129,7 +136,7 @@ def measure_engine_builds(work: str | Path, *, shape: str = "1.1b", precisions: 
     return report
 
 
-def format_table(report: dict) -> str:
+def format_table(report: dict, timeline: bool = False) -> str:
     lines = [f"{'model':<12} {'weights GB':>10} {'plan/weights':>12} {'wall s':>7} {'peak RSS GB':>11} "
              f"{'RSS/weights':>11} {'anon/weights':>12}"]
     for r in report["rows"]:
@@ -140,6 +147,11 @@ def format_table(report: dict) -> str:
                      f"{r['wall_seconds']:>7.1f} {r['peak_rss_bytes'] / 1e9:>11.2f} {r['peak_rss_over_weights']:>11.2f} "
                      f"{r['peak_anon_over_weights']:>12.2f}")
     lines.append(f"impossible --max-kv refused in {report['flag_refusal_seconds']:.2f} s")
+    if timeline:
+        for r in report["rows"]:
+            if r.get("rss_timeline_mb"):
+                lines.append(f"{r['model']} RSS over time (s: RSS MB / anonymous MB): "
+                             + ", ".join(f"{t:g}: {rss}/{anon}" for t, rss, anon in r["rss_timeline_mb"]))
     return "\n".join(lines)
 
 
@@ -151,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="of fp32, fp16, int4 (fp16 runs `llmtrt quantize --to fp16` on the export)")
     parser.add_argument("--int4-8b", action="store_true", help="also the 8B-shaped int4 graph (~8 GB of weights)")
     parser.add_argument("--clean", action="store_true", help="delete the exports afterwards")
+    parser.add_argument("--timeline", action="store_true", help="also print each build's RSS over time")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
     report = measure_engine_builds(args.work, shape=args.shape, precisions=tuple(args.precisions.split(",")),
                                    int4_8b=args.int4_8b, keep_inputs=not args.clean)
-    print(format_table(report))
+    print(format_table(report, timeline=args.timeline))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -98,6 +98,7 @@ class CacheState:
     tensors: list[Any]
     mask: np.ndarray
     capacity: int           # positions the cache can hold (static: its slots)
+    backend: Any = None     # what a runner keeps with this cache (ONNX Runtime: the IO binding of its buffers)
 
     @property
     def length(self) -> int:

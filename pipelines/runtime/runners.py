@@ -350,20 +350,24 @@ class OnnxRuntimeRunner(DecoderRunner):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
                  **self.layout.step_inputs(new_mask, state)}
-        binding = self.session.io_binding()
-        binding.bind_output("logits")  # first: get_outputs() lists outputs in the order they were bound
+        binding = state.backend
+        if binding is None or binding[0] is not self.session:  # the cache buffers are bound once per cache
+            binding = state.backend = (self.session, self.session.io_binding())
+            binding[1].bind_output("logits")  # first: get_outputs() lists outputs in the order they were bound
+            for i in range(self.config.num_hidden_layers):
+                for k, kind in enumerate(("key", "value")):
+                    buffer = state.tensors[2 * i + k]
+                    args = ("cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+                    binding[1].bind_input(f"past_key_values.{i}.{kind}", *args)
+                    binding[1].bind_output(f"present.{i}.{kind}", *args)
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        for i in range(self.config.num_hidden_layers):
-            for k, kind in enumerate(("key", "value")):
-                buffer = state.tensors[2 * i + k]
-                args = ("cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
-                binding.bind_input(f"past_key_values.{i}.{kind}", *args)
-                binding.bind_output(f"present.{i}.{kind}", *args)
-        self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
+            binding[1].bind_cpu_input(name, value)
+        binding[1].bind_output("logits")  # unallocated again: its shape changes between prefill and decode
+        self.session.run_with_iobinding(binding[1])
+        # a copy: the bound output's memory is reused by the next step
+        logits = np.array(binding[1].get_outputs()[0].numpy(), dtype=np.float32, copy=True)
         state.mask = feeds["attention_mask"]
-        return np.asarray(logits, dtype=np.float32)
+        return logits
 
     def cache_on_host(self, state: CacheState) -> list[np.ndarray]:
         if not self.shared_buffers:

@@ -50,3 +50,17 @@ def test_decode_profile_summarizes_only_the_decode_steps(tmp_path):
     assert 0 < summary["kernels_ms"] <= summary["step_ms"]
     text = format_summary({"model": "tiny", "prompt_tokens": 8, "threads": 2, "graphs": {"custom": summary}})
     assert "MatMul" in text and "custom: step" in text
+
+
+def test_long_context_compares_the_two_runners_on_the_same_tokens(tmp_path):
+    """benchmarks.long_context on the tiny model: three windows, both runners timed, positive step times."""
+    from benchmarks.long_context import measure
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.pipelines.artifacts import export_artifact
+
+    out = tmp_path / "tiny"
+    export_artifact(resolve_model("tiny"), out, ExportOptions(logits="last", max_positions=64))
+    report = measure(out, prompt=8, tokens=48)
+    assert [w["context"][0] for w in report["windows"]] == [8, 24, 40]
+    assert all(w["as_written_ms"] > 0 and w["contrib_shared_ms"] > 0 for w in report["windows"])
