@@ -42,7 +42,7 @@ def _keep_fp32(ctx: click.Context, param: click.Parameter, value: tuple[str, ...
                    "for the byte-level built-in model.")
 @click.option("--calib-samples", type=int, default=16, show_default=True,
               help="Calibration windows, evenly spaced over the text.")
-@click.option("--calib-seq-len", type=int, default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--calib-seq-len", type=int, default=128, show_default=True, help="Tokens per calibration window (at most the graph's positions, --max-positions of the export).")
 @click.option("--calib-rows", type=int, default=256, show_default=True,
               help="Rows (tokens) of each linear layer's input sampled for the AWQ searches and the "
                    "percentile/entropy observers; the maxima and means use every row.")

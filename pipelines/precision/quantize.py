@@ -305,7 +305,14 @@ def _check(src_dir: Path, out_dir: Path, precision: str, options: PrecisionOptio
         text = Path(options.calib_text) if options.calib_text else DEFAULT_CALIB_TEXT
         tokenizer = load_tokenizer(src_dir, add_bos=options.add_bos)
         bos_id = tokenizer.bos_id if tokenizer.add_bos else None
-        windows = calibration_windows(text, tokenizer, options.calib_samples, options.calib_seq_len, bos_id=bos_id)
+        from llmtrt.pipelines.engine.profiles import max_positions_from_file
+
+        # a window longer than the graph's rotary table cannot run (ONNX Runtime: "Updating cos_cache and
+        # sin_cache in RotaryEmbedding is not currently supported"): an export with --max-positions 64
+        # calibrates on windows of 64 tokens
+        positions = max_positions_from_file(exported.onnx_path)
+        seq_len = min(options.calib_seq_len, positions) if positions else options.calib_seq_len
+        windows = calibration_windows(text, tokenizer, options.calib_samples, seq_len, bos_id=bos_id)
         name = getattr(tokenizer, "name", type(tokenizer).__name__)
     return _Inputs(src_dir, raw, exported, entry, windows, text, name, bos_id)
 

@@ -140,94 +140,46 @@ def _head_dim(g: _Graph, rotary: onnx.NodeProto) -> int | None:
     return 2 * int(cos.dims[1]) if cos is not None and len(cos.dims) == 2 else None
 
 
+_PREFIX = "/llmtrt_ort"
+_TOTAL = f"{_PREFIX}/total_sequence_length"   # int32 scalar: the attention mask's width
+_SEQLENS = f"{_PREFIX}/seqlens_k"             # int32 [batch]: total - 1 for every row (the bias masks padding)
+_QUERY_LENS = f"{_PREFIX}/query_seqlens"      # int32 [batch]: the new tokens, all valid
+
+
 def fuse_for_ort(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Fused]:
     """Rewrite ``proto`` (a standard-dialect graph, any precision) in place for ONNX Runtime; see the module doc."""
     fused = Fused()
     g = _Graph(proto.graph)
     replace: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> what takes its place
     drop: set[int] = set()
-    prefix = "/llmtrt_ort"
-
-    attentions = [n for n in proto.graph.node if n.op_type == "Attention" and n.domain in _STD]
     matches = []
-    for att in attentions:
+    for att in [n for n in proto.graph.node if n.op_type == "Attention" and n.domain in _STD]:
         m, why = _match_attention(g, att)
+        if m and _head_dim(g, m["rotary"]) is None:
+            m, why = {}, "the rotary cos table is not a 2-D initializer"
         if not m:
             fused.skipped = fused.skipped or why
             continue
-        m["head_dim"] = _head_dim(g, m["rotary"])
-        if m["head_dim"] is None:
-            fused.skipped = fused.skipped or "the rotary cos table is not a 2-D initializer"
-            continue
         matches.append(m)
-
-    shared: list[onnx.NodeProto] = []
-    if matches:
-        mask = "attention_mask"
-        total64, total32 = f"{prefix}/total_i64", f"{prefix}/total_sequence_length"
-        batch, seqlens, query_lens = f"{prefix}/batch", f"{prefix}/seqlens_k", f"{prefix}/query_seqlens"
-        one = numpy_helper.from_array(np.array(1, np.int32), f"{prefix}/one")
-        index = numpy_helper.from_array(np.array(1, np.int64), f"{prefix}/mask_axis")
-        proto.graph.initializer.extend([one, index])
-        shared = [
-            helper.make_node("Shape", [mask], [f"{prefix}/mask_shape"], name=f"{prefix}/mask_shape"),
-            helper.make_node("Gather", [f"{prefix}/mask_shape", index.name], [total64], name=f"{prefix}/total", axis=0),
-            helper.make_node("Cast", [total64], [total32], name=f"{prefix}/total_i32", to=onnx.TensorProto.INT32),
-            helper.make_node("Shape", [mask], [batch], name=f"{prefix}/batch", start=0, end=1),
-            helper.make_node("Sub", [total32, one.name], [f"{prefix}/last"], name=f"{prefix}/last"),
-            helper.make_node("Expand", [f"{prefix}/last", batch], [seqlens], name=f"{prefix}/seqlens_k"),
-            helper.make_node("Shape", ["input_ids"], [f"{prefix}/seq"], name=f"{prefix}/seq", start=1, end=2),
-            helper.make_node("Cast", [f"{prefix}/seq"], [f"{prefix}/seq_i32"], name=f"{prefix}/seq_i32",
-                             to=onnx.TensorProto.INT32),
-            helper.make_node("Expand", [f"{prefix}/seq_i32", batch], [query_lens], name=f"{prefix}/query_seqlens"),
-        ]
-        for m in matches:
-            att, rotary = m["att"], m["rotary"]
-            base = att.name.rsplit("/", 1)[0] if "/" in att.name else att.name
-            heads, kv_heads, hd = m["heads"], m["kv_heads"], m["head_dim"]
-            sizes = numpy_helper.from_array(np.array([heads * hd, kv_heads * hd, kv_heads * hd], np.int64),
-                                            f"{base}/qkv_sizes")
-            proto.graph.initializer.append(sizes)
-            qkv = m["reshape"].input[0]
-            q, k, v = (f"{base}/{x}" for x in ("q", "k", "v"))
-            cos, sin, positions = rotary.input[1], rotary.input[2], rotary.input[3]
-            interleaved = int(_attr(rotary, "interleaved", 0))
-            attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 0}
-            scale = _attr(att, "scale")
-            if scale is not None:
-                attrs["scale"] = float(scale)
-            replace[id(att)] = [
-                helper.make_node("Split", [qkv, sizes.name], [q, k, v], name=f"{base}/split_qkv", axis=2),
-                helper.make_node("RotaryEmbedding", [q, positions, cos, sin], [q + "_rot"], name=f"{base}/rotary_q",
-                                 domain=MS, interleaved=interleaved),
-                helper.make_node("RotaryEmbedding", [k, positions, cos, sin], [k + "_rot"], name=f"{base}/rotary_k",
-                                 domain=MS, interleaved=interleaved),
-                helper.make_node("GroupQueryAttention",
-                                 [q + "_rot", k + "_rot", v, att.input[4], att.input[5], seqlens, total32, "", "", "",
-                                  att.input[3], "", "", "", "", "", query_lens],
-                                 [m["out_r"].output[0], att.output[1], att.output[2]],
-                                 name=f"{base}/group_query_attention", domain=MS, **attrs),
-            ]
-            for key in ("q_split", "rotary", "kv_split", "transpose", "reshape", "out_t", "out_r"):
-                drop.add(id(m[key]))
-            fused.attention += 1
-
+    shared = _shared_inputs(proto) if matches else []
+    for m in matches:
+        replace[id(m["att"])] = _attention_nodes(proto, m, _head_dim(g, m["rotary"]))
+        drop.update(id(m[key]) for key in ("q_split", "rotary", "kv_split", "transpose", "reshape", "out_t", "out_r"))
+        fused.attention += 1
     for norm in [n for n in proto.graph.node if n.op_type == "RMSNormalization" and n.domain in _STD]:
         add = g.producer.get(norm.input[0])
         if add is None or add.op_type != "Add" or add.domain not in _STD or id(add) in drop:
             continue
         if _attr(norm, "axis", -1) != -1 or _attr(norm, "stash_type", 1) != 1 or len(norm.input) != 2:
             continue
-        eps = float(_attr(norm, "epsilon", 1e-5))
         users = [u for u in g.consumers[add.output[0]] if u is not norm]
         total = add.output[0] if users or add.output[0] in g.outputs else ""
         replace[id(add)] = [helper.make_node(
             "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
             [norm.output[0], "", "", total], name=norm.name.rsplit("/", 1)[0] + "/skip_simplified_layer_norm",
-            domain=MS, epsilon=eps)]
+            domain=MS, epsilon=float(_attr(norm, "epsilon", 1e-5)))]
         drop.add(id(norm))
         fused.norms += 1
-
     if not (fused.attention or fused.norms):
         return proto, fused
     nodes = list(shared)
@@ -243,6 +195,53 @@ def fuse_for_ort(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Fused]:
     if not any(o.domain == MS for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS, 1))
     return proto, fused
+
+
+def _shared_inputs(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes computing GroupQueryAttention's length inputs once for all layers, from the graph inputs."""
+    p = _PREFIX
+    one = numpy_helper.from_array(np.array(1, np.int32), f"{p}/one")
+    axis = numpy_helper.from_array(np.array(1, np.int64), f"{p}/mask_axis")
+    proto.graph.initializer.extend([one, axis])
+    i32 = onnx.TensorProto.INT32
+    return [
+        helper.make_node("Shape", ["attention_mask"], [f"{p}/mask_shape"], name=f"{p}/mask_shape"),
+        helper.make_node("Gather", [f"{p}/mask_shape", axis.name], [f"{p}/total_i64"], name=f"{p}/total", axis=0),
+        helper.make_node("Cast", [f"{p}/total_i64"], [_TOTAL], name=f"{p}/total_i32", to=i32),
+        helper.make_node("Shape", ["attention_mask"], [f"{p}/batch"], name=f"{p}/batch", start=0, end=1),
+        helper.make_node("Sub", [_TOTAL, one.name], [f"{p}/last"], name=f"{p}/last"),
+        helper.make_node("Expand", [f"{p}/last", f"{p}/batch"], [_SEQLENS], name=f"{p}/seqlens_k"),
+        helper.make_node("Shape", ["input_ids"], [f"{p}/seq"], name=f"{p}/seq", start=1, end=2),
+        helper.make_node("Cast", [f"{p}/seq"], [f"{p}/seq_i32"], name=f"{p}/seq_i32", to=i32),
+        helper.make_node("Expand", [f"{p}/seq_i32", f"{p}/batch"], [_QUERY_LENS], name=f"{p}/query_seqlens"),
+    ]
+
+
+def _attention_nodes(proto: onnx.ModelProto, m: dict, head_dim: int) -> list[onnx.NodeProto]:
+    """Split q/k/v, rotate q and k, GroupQueryAttention: what replaces one matched chain."""
+    att, rotary = m["att"], m["rotary"]
+    base = att.name.rsplit("/", 1)[0] if "/" in att.name else att.name
+    heads, kv_heads = m["heads"], m["kv_heads"]
+    sizes = numpy_helper.from_array(np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64),
+                                    f"{base}/qkv_sizes")
+    proto.graph.initializer.append(sizes)
+    q, k, v = (f"{base}/{x}" for x in ("q", "k", "v"))
+    cos, sin, positions = rotary.input[1], rotary.input[2], rotary.input[3]
+    interleaved = int(_attr(rotary, "interleaved", 0))
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 0}
+    if _attr(att, "scale") is not None:
+        attrs["scale"] = float(_attr(att, "scale"))
+    gqa_inputs = [q + "_rot", k + "_rot", v, att.input[4], att.input[5], _SEQLENS, _TOTAL, "", "", "",
+                  att.input[3], "", "", "", "", "", _QUERY_LENS]  # cos/sin/position_ids unused: rotary is done
+    return [
+        helper.make_node("Split", [m["reshape"].input[0], sizes.name], [q, k, v], name=f"{base}/split_qkv", axis=2),
+        helper.make_node("RotaryEmbedding", [q, positions, cos, sin], [q + "_rot"], name=f"{base}/rotary_q",
+                         domain=MS, interleaved=interleaved),
+        helper.make_node("RotaryEmbedding", [k, positions, cos, sin], [k + "_rot"], name=f"{base}/rotary_k",
+                         domain=MS, interleaved=interleaved),
+        helper.make_node("GroupQueryAttention", gqa_inputs, [m["out_r"].output[0], att.output[1], att.output[2]],
+                         name=f"{base}/group_query_attention", domain=MS, **attrs),
+    ]
 
 
 def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

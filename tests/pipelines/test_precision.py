@@ -491,3 +491,17 @@ def test_awq_beats_round_to_nearest_on_a_real_checkpoint(tmp_path):
     rtn = nll(quantize(src, tmp_path / "rtn", "int4-rtn", options))
     print(f"stories260k perplexity: fp32 {np.exp(ref):.4f}, int4-awq {np.exp(awq):.4f}, int4-rtn {np.exp(rtn):.4f}")
     assert awq < rtn
+
+
+def test_calibration_windows_fit_a_short_export(tmp_path):
+    """An export with --max-positions 32 and the default 128-token calibration windows: quantize calibrates
+    on 32-token windows (it crashed in ONNX Runtime's RotaryEmbedding before)."""
+    from llmtrt.exporter.config import resolve_model
+    from llmtrt.exporter.onnx_export import ExportOptions
+    from llmtrt.pipelines.artifacts import export_artifact
+
+    src = tmp_path / "onnx"
+    export_artifact(resolve_model("tiny"), src, ExportOptions(max_positions=32))
+    assert PrecisionOptions().calib_seq_len > 32
+    out = quantize(src, tmp_path / "fp16", "fp16", QUIET)
+    assert read_manifest(out)["precision"] == "fp16"
