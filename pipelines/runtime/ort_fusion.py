@@ -149,6 +149,7 @@ _QUERY_LENS = f"{_PREFIX}/query_seqlens"      # int32 [batch]: the new tokens, a
 def fuse_for_ort(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Fused]:
     """Rewrite ``proto`` (a standard-dialect graph, any precision) in place for ONNX Runtime; see the module doc."""
     fused = Fused()
+    original = _custom_to_standard(proto)  # the custom op set: its nodes' standard forms first
     g = _Graph(proto.graph)
     replace: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> what takes its place
     drop: set[int] = set()
@@ -161,6 +162,10 @@ def fuse_for_ort(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Fused]:
             fused.skipped = fused.skipped or why
             continue
         matches.append(m)
+    if original is not None and (fused.skipped or not matches):  # a custom graph this cannot fully rewrite
+        del proto.graph.node[:]
+        proto.graph.node.extend(original)
+        return proto, Fused(skipped=fused.skipped or "no attention to rewrite")
     shared = _shared_inputs(proto) if matches else []
     for m in matches:
         replace[id(m["att"])] = _attention_nodes(proto, m, _head_dim(g, m["rotary"]))
@@ -188,6 +193,8 @@ def fuse_for_ort(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Fused]:
             nodes.extend(replace[id(node)])
         elif id(node) not in drop:
             nodes.append(node)
+    if original is not None:
+        nodes = [_simplified_norm(n) if n.op_type == "RMSNormalization" and n.domain in _STD else n for n in nodes]
     del proto.graph.node[:]
     proto.graph.node.extend(_live(nodes, {o.name for o in proto.graph.output}))
     _drop_stale_value_info(proto)
@@ -195,6 +202,38 @@ def fuse_for_ort(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Fused]:
     if not any(o.domain == MS for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS, 1))
     return proto, fused
+
+
+def _custom_to_standard(proto: onnx.ModelProto) -> list[onnx.NodeProto] | None:
+    """A custom-op-set graph (llmtrt RMSNorm / RotaryEmbedding / GroupQueryAttention nodes with function
+    bodies) rewritten in place to the standard op types the matcher knows (each op's own ``to_standard``);
+    returns copies of the original nodes to restore, or None for a graph without llmtrt nodes (or with
+    others, such as the static cache's attention: left alone)."""
+    from llmtrt.plugins.registry import DOMAIN, registry
+
+    custom = [n for n in proto.graph.node if n.domain == DOMAIN]
+    if not custom or any(n.op_type not in ("RMSNorm", "RotaryEmbedding", "GroupQueryAttention") for n in custom):
+        return None
+    original = [onnx.NodeProto.FromString(n.SerializeToString()) for n in proto.graph.node]
+    ops = registry()
+    nodes = []
+    for node in proto.graph.node:
+        nodes.extend(ops[node.op_type].to_standard(node) if node.domain == DOMAIN else [node])
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    del proto.functions[:]
+    keep = [o for o in proto.opset_import if o.domain != DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    return original
+
+
+def _simplified_norm(node: onnx.NodeProto) -> onnx.NodeProto:
+    """RMSNormalization (opset 23) as ONNX Runtime's SimplifiedLayerNormalization (same math, registered
+    in the default domain from opset 1): what a custom graph's lone norms become below opset 23."""
+    return helper.make_node("SimplifiedLayerNormalization", list(node.input), list(node.output), name=node.name,
+                            axis=int(_attr(node, "axis", -1)), epsilon=float(_attr(node, "epsilon", 1e-5)),
+                            stash_type=int(_attr(node, "stash_type", 1)))
 
 
 def _shared_inputs(proto: onnx.ModelProto) -> list[onnx.NodeProto]:

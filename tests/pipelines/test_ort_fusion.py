@@ -93,14 +93,36 @@ def test_the_comparison_fails_on_a_wrong_rewrite(standard, tiny):
     assert _compare(expected, got, valid) > 100 * TOL  # seen: 7e-3
 
 
-def test_graphs_it_does_not_match_stay_as_written(tmp_path_factory, tiny):
+def test_the_custom_op_set_gets_the_same_kernels(tmp_path_factory, tiny):
+    """llmtrt RMSNorm / RotaryEmbedding / GroupQueryAttention nodes: their standard forms, then the same
+    rewrite; the lone norms become SimplifiedLayerNormalization (the graph stays opset 18)."""
     config, _ = tiny
     custom = _export(tmp_path_factory, tiny, dialect="custom")
     proto, fused = fuse_for_ort(onnx.load(str(custom)))
+    assert fused.attention == config.num_hidden_layers and not proto.functions
+    assert {o.domain for o in proto.opset_import} == {"", MS}
+    with OnnxRuntimeRunner(custom, config, contrib=False) as plain:
+        expected = _run(plain, config, np.random.default_rng(0))
+    with OnnxRuntimeRunner(custom, config, contrib=True) as runner:
+        got = _run(runner, config, np.random.default_rng(0))
+        assert runner.shared_buffers
+    valid = np.ones((2, 9, config.vocab_size), bool)
+    valid[1, :4] = False
+    assert _compare(expected, got, valid) <= TOL
+
+
+def test_graphs_it_does_not_match_stay_as_written(tmp_path_factory, tiny):
+    config, _ = tiny
+    decomposed = _export(tmp_path_factory, tiny, dialect="decomposed")
+    proto, fused = fuse_for_ort(onnx.load(str(decomposed)))
     assert (fused.attention, fused.norms) == (0, 0)
     assert not any(n.domain == MS for n in proto.graph.node)
-    with OnnxRuntimeRunner(custom, config, contrib=True) as runner:
+    with OnnxRuntimeRunner(decomposed, config, contrib=True) as runner:
         assert runner.fused is None and not runner.shared_buffers
+    custom_static = _export(tmp_path_factory, tiny, dialect="custom", kv_cache="static")
+    before = onnx.load(str(custom_static))
+    proto, fused = fuse_for_ort(onnx.load(str(custom_static)))
+    assert (fused.attention, fused.norms) == (0, 0) and proto.graph.node == before.graph.node
     static = _export(tmp_path_factory, tiny, dialect="standard", kv_cache="static")
     _, fused = fuse_for_ort(onnx.load(str(static)))
     assert fused.attention == 0 and "past" in fused.skipped  # the static cache's Attention has no past inputs
