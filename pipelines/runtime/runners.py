@@ -196,18 +196,15 @@ CONTRIB_ENV = "LLMTRT_ORT_CONTRIB"
 
 def contrib_wanted() -> bool:
     """Whether ONNX Runtime runs a graph's attention and norms as its com.microsoft kernels
-    (:mod:`llmtrt.pipelines.runtime.ort_fusion`): $LLMTRT_ORT_CONTRIB 1 (default) or 0 (the graph exactly
+    (:mod:`llmtrt.pipelines.runtime.ort_fusion`; CPU provider only): $LLMTRT_ORT_CONTRIB 1 (default) or 0 (the graph exactly
     as written, e.g. to check what a plain ONNX Runtime user of the file gets)."""
     from llmtrt.pipelines.cpu import env_choice
 
     return env_choice(CONTRIB_ENV, {"1": True, "on": True, "0": False, "off": False}) is not False
 
 
-def ort_session(onnx_path: str | Path, *, provider: str = "cpu", threads: int | None = None,
-                keep_all_tensors: bool = False, options: Any = None, model_bytes: bytes | None = None,
-                spinning: bool | None = None) -> Any:
-    """The one place llmtrt opens an ONNX Runtime session; errors name the file. ``spinning`` None:
-    :func:`spinning_wanted`. With ``model_bytes``, external weights are read from ``onnx_path``'s folder."""
+def execution_provider(provider: str) -> str:
+    """The ONNX Runtime execution provider that ``--provider`` (cpu, cuda, auto) means on this install."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -218,6 +215,17 @@ def ort_session(onnx_path: str | Path, *, provider: str = "cpu", threads: int | 
     if name not in available:
         raise LlmtrtUserError(f"--provider {provider}: this onnxruntime has no {name} (available: "
                               f"{', '.join(available)}); pip install onnxruntime-gpu, or use --provider cpu")
+    return name
+
+
+def ort_session(onnx_path: str | Path, *, provider: str = "cpu", threads: int | None = None,
+                keep_all_tensors: bool = False, options: Any = None, model_bytes: bytes | None = None,
+                spinning: bool | None = None) -> Any:
+    """The one place llmtrt opens an ONNX Runtime session; errors name the file. ``spinning`` None:
+    :func:`spinning_wanted`. With ``model_bytes``, external weights are read from ``onnx_path``'s folder."""
+    import onnxruntime as ort
+
+    name = execution_provider(provider)
     so = options or ort.SessionOptions()
     so.log_severity_level = 3  # static caches log a TensorScatter copy note per node per step
     if model_bytes is not None:
@@ -290,6 +298,8 @@ class OnnxRuntimeRunner(DecoderRunner):
         contrib kernels (pipelines/runtime/ort_fusion.py; external weights stay where they are).
         ONNX Runtime CPU has no bf16 kernels: a bf16 graph runs as its fp32 emulation (what a GPU
         computes: bf16 storage, fp32 arithmetic, results rounded to bf16; precision/bf16_emulation.py)."""
+        # CPU only: measured there; CUDA's GroupQueryAttention takes fp16/bf16 only, untested here (no GPU)
+        self.contrib = self.contrib and execution_provider(self.provider) == "CPUExecutionProvider"
         if not (self.bf16_emulated or self.contrib):
             return ort_session(self.onnx_path, provider=self.provider, threads=self.threads, spinning=self.spinning)
         import onnx
