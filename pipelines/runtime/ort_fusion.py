@@ -156,7 +156,9 @@ def fuse_for_ort(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Fused]:
     matches = []
     for att in [n for n in proto.graph.node if n.op_type == "Attention" and n.domain in _STD]:
         m, why = _match_attention(g, att)
-        if m and _head_dim(g, m["rotary"]) is None:
+        if m:
+            m["head_dim"] = _head_dim(g, m["rotary"])
+        if m and m["head_dim"] is None:
             m, why = {}, "the rotary cos table is not a 2-D initializer"
         if not m:
             fused.skipped = fused.skipped or why
@@ -168,7 +170,7 @@ def fuse_for_ort(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, Fused]:
         return proto, Fused(skipped=fused.skipped or "no attention to rewrite")
     shared = _shared_inputs(proto) if matches else []
     for m in matches:
-        replace[id(m["att"])] = _attention_nodes(proto, m, _head_dim(g, m["rotary"]))
+        replace[id(m["att"])] = _attention_nodes(proto, m, m["head_dim"])
         drop.update(id(m[key]) for key in ("q_split", "rotary", "kv_split", "transpose", "reshape", "out_t", "out_r"))
         fused.attention += 1
     for norm in [n for n in proto.graph.node if n.op_type == "RMSNormalization" and n.domain in _STD]:
@@ -209,22 +211,14 @@ def _custom_to_standard(proto: onnx.ModelProto) -> list[onnx.NodeProto] | None:
     bodies) rewritten in place to the standard op types the matcher knows (each op's own ``to_standard``);
     returns copies of the original nodes to restore, or None for a graph without llmtrt nodes (or with
     others, such as the static cache's attention: left alone)."""
-    from llmtrt.plugins.registry import DOMAIN, registry
+    from llmtrt.exporter import dialects
+    from llmtrt.plugins.registry import DOMAIN
 
     custom = [n for n in proto.graph.node if n.domain == DOMAIN]
     if not custom or any(n.op_type not in ("RMSNorm", "RotaryEmbedding", "GroupQueryAttention") for n in custom):
         return None
     original = [onnx.NodeProto.FromString(n.SerializeToString()) for n in proto.graph.node]
-    ops = registry()
-    nodes = []
-    for node in proto.graph.node:
-        nodes.extend(ops[node.op_type].to_standard(node) if node.domain == DOMAIN else [node])
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    del proto.functions[:]
-    keep = [o for o in proto.opset_import if o.domain != DOMAIN]
-    del proto.opset_import[:]
-    proto.opset_import.extend(keep)
+    dialects.get("standard").apply(proto, 0)  # the export's own custom -> standard pass (opset unused)
     return original
 
 
