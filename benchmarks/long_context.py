@@ -5,7 +5,7 @@ against the runner's contrib kernels with shared past/present buffers (appended 
 
 Both runners are open at once and decode the same tokens in alternating blocks of 64 steps (the order
 flips every block), so a drifting machine slows both alike; reported: the median step time in three
-context windows and their ratio. Spinning is off for both (two spinning pools would fight for the cores).
+context windows and their ratio, and each runner's session-open seconds. Spinning is off for both (two spinning pools would fight for the cores).
 ``--graph`` defaults to the 156M int4-awq graph that ``benchmarks.decode`` writes under WORK.
 """
 
@@ -33,9 +33,12 @@ def measure(graph_dir: Path, prompt: int = 128, tokens: int = 1792) -> dict:
     runners = {name: OnnxRuntimeRunner(exported.onnx_path, config, threads=THREADS, spinning=False, contrib=contrib)
                for name, contrib in (("as written", False), ("contrib + shared buffers", True))}
     times: dict[str, list[float]] = {name: [] for name in runners}
+    opened: dict[str, float] = {}
     try:
-        for runner in runners.values():
-            runner.activate()
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            runner.activate()  # session open: the contrib rewrite included
+            opened[name] = round(time.perf_counter() - t0, 3)
         ids = prompt_ids(config.vocab_size, prompt)
         states = {name: r.new_cache(1, prompt + tokens + 1) for name, r in runners.items()}
         logits = {name: r.step(ids, np.arange(prompt)[None], np.ones_like(ids), states[name])
@@ -66,7 +69,8 @@ def measure(graph_dir: Path, prompt: int = 128, tokens: int = 1792) -> dict:
         a, b = (statistics.median(times[name][lo:hi]) for name in runners)
         windows.append({"context": [prompt + lo, prompt + hi], "as_written_ms": round(1000 * a, 3),
                         "contrib_shared_ms": round(1000 * b, 3), "speedup": round(a / b, 3)})
-    return {"graph": str(graph_dir), "prompt": prompt, "tokens": tokens, "threads": THREADS, "windows": windows}
+    return {"graph": str(graph_dir), "prompt": prompt, "tokens": tokens, "threads": THREADS, "windows": windows,
+            "open_seconds": opened}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in report["windows"]:
         print(f"{w['context'][0]:>5}-{w['context'][1]:<6} {w['as_written_ms']:>14.2f} {w['contrib_shared_ms']:>18.2f} "
               f"{w['speedup']:>8.3f}")
+    print("session open (s): " + ", ".join(f"{name} {sec:.2f}" for name, sec in report["open_seconds"].items()))
     return 0
 
 

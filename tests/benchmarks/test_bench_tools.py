@@ -64,3 +64,4 @@ def test_long_context_compares_the_two_runners_on_the_same_tokens(tmp_path):
     report = measure(out, prompt=8, tokens=48)
     assert [w["context"][0] for w in report["windows"]] == [8, 24, 40]
     assert all(w["as_written_ms"] > 0 and w["contrib_shared_ms"] > 0 for w in report["windows"])
+    assert set(report["open_seconds"]) == {"as written", "contrib + shared buffers"}
