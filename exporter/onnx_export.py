@@ -163,8 +163,9 @@ def export_streaming(source: ModelSource, out_dir: str | Path, options: ExportOp
     t0 = time.perf_counter()
     config = source.config
     checkpoint = streaming.Checkpoint(config, source.checkpoint_dir)  # key/shape errors before the capture
+    captured: dict = {}
     proto = streaming.capture(checkpoint, config, options.kv_cache, options.max_positions, fuse=options.fuse,
-                              last_logits_only=options.logits == "last")
+                              last_logits_only=options.logits == "last", stats=captured)
     proto = dialects.finalize(proto, config, options.dialect, opset)
     io = get_layout(options.kv_cache).io_spec(config, logits=options.logits)
     io.apply_dim_names(proto)
@@ -175,7 +176,7 @@ def export_streaming(source: ModelSource, out_dir: str | Path, options: ExportOp
     onnx_path = write_model(proto, out_dir, external,
                             write_data=lambda path: streaming.write_data(path, plan, checkpoint))
     stats = {"export_seconds": round(time.perf_counter() - t0, 3), "weights_bytes": size, "external_data": external,
-             "streaming": True}
+             "streaming": True, **captured}
     return ExportedModel(onnx_path, config, io, options.dialect, opset, stats, options.kv_cache,
                          _fused(config, options), options.logits)
 

@@ -12,11 +12,15 @@ and renaming, the placeholders are laid out as ``onnx.save_model(save_as_externa
 size_threshold=1024)`` lays out tensors (graph order, back to back), and each tensor is read from its
 safetensors file with plain reads, converted to fp32 and, for linear weights, transposed, in blocks
 straight into ``model.onnx.data``. Peak memory is about one checkpoint tensor plus a few blocks, and
-the files equal the in-memory export's byte for byte (tests/exporter/test_streaming.py).
+the files equal the in-memory export's byte for byte (tests/exporter/test_streaming.py). A model of more
+than two decoder layers is captured with two and the second is cloned for the rest
+(exporter/layer_repeat.py): model.onnx.data is still byte for byte the same, model.onnx has the same
+nodes, names and weights with other names for intermediate values (tests/exporter/test_layer_repeat.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -166,16 +170,42 @@ def weight_sources(config: ModelConfig, fuse: bool) -> dict[str, str]:
 
 
 def capture(checkpoint: Checkpoint, config: ModelConfig, kv_cache: str, max_positions: int | None = None, *,
-            fuse: bool = False, last_logits_only: bool = False) -> onnx.ModelProto:
+            fuse: bool = False, last_logits_only: bool = False, repeat: bool = True,
+            stats: dict | None = None) -> onnx.ModelProto:
     """The graph the in-memory capture gives, at CAPTURE_OPSET, with every large checkpoint weight as
     an empty placeholder initializer whose external-data location names its source. Small weights (up to
-    SMALL_ELEMENTS) are loaded, because the optimizer deduplicates small initializers by content."""
+    SMALL_ELEMENTS) are loaded, because the optimizer deduplicates small initializers by content.
+
+    With ``repeat`` (and more than two layers) two decoder layers are captured and the second is cloned
+    for the rest (exporter/layer_repeat.py: the same graph, a fraction of the capture time); when the
+    capture does not allow that, every layer is captured. ``stats["captured_layers"]`` says which."""
+    from llmtrt.exporter import layer_repeat
+
+    layers = config.num_hidden_layers
+    stats = {} if stats is None else stats
+    stats["captured_layers"] = layers
+    if not repeat or layers <= layer_repeat.CAPTURED_LAYERS:
+        return _capture(checkpoint, config, config, kv_cache, max_positions, fuse, last_logits_only)
+    few = dataclasses.replace(config, num_hidden_layers=layer_repeat.CAPTURED_LAYERS)
+    proto = _capture(checkpoint, config, few, kv_cache, max_positions, fuse, last_logits_only)
+    weights = weight_sources(config, fuse)
+    repeated = layer_repeat.repeat_layers(
+        proto, layers, lambda name, shape: _fp32(checkpoint, weights[name], shape).tobytes(), MARK)
+    if repeated is None:
+        return _capture(checkpoint, config, config, kv_cache, max_positions, fuse, last_logits_only)
+    stats["captured_layers"] = layer_repeat.CAPTURED_LAYERS
+    return repeated
+
+
+def _capture(checkpoint: Checkpoint, config: ModelConfig, captured: ModelConfig, kv_cache: str,
+             max_positions: int | None, fuse: bool, last_logits_only: bool) -> onnx.ModelProto:
+    """``capture`` of a model shaped as ``captured`` (``config`` with fewer layers, or ``config``)."""
     import onnx_ir as ir
 
     from llmtrt.exporter.capture import run_export, warnings_quiet
     from llmtrt.exporter.kv_cache import get_layout
 
-    model = meta_model(config, max_positions, fuse=fuse, last_logits_only=last_logits_only)
+    model = meta_model(captured, max_positions, fuse=fuse, last_logits_only=last_logits_only)
     program = run_export(model, get_layout(kv_cache), optimize=False)
     graph = program.model.graph
     weights = weight_sources(config, fuse)
