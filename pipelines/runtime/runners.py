@@ -331,6 +331,9 @@ class OnnxRuntimeRunner(DecoderRunner):
         self.fused = None
         self.session = self._factory()
         self._types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        self._logits_float32 = (logits is not None and logits.type == "tensor(float)"
+                                and logits.shape[-1] == self.config.vocab_size)
         past = self._types.get("past_key_values.0.key")
         self.cache_dtype = past if past is not None else np.float32
         if self.session.get_providers()[0] != "CPUExecutionProvider":
@@ -365,7 +368,7 @@ class OnnxRuntimeRunner(DecoderRunner):
                  **self.layout.step_inputs(new_mask, state)}
         binding = state.backend
         if binding is None or binding[0] is not self.session:  # the cache buffers are bound once per cache
-            binding = state.backend = (self.session, self.session.io_binding())
+            binding = state.backend = [self.session, self.session.io_binding(), None]
             binding[1].bind_output("logits")  # first: get_outputs() lists outputs in the order they were bound
             for i in range(self.config.num_hidden_layers):
                 for k, kind in enumerate(("key", "value")):
@@ -375,10 +378,19 @@ class OnnxRuntimeRunner(DecoderRunner):
                     binding[1].bind_output(f"present.{i}.{kind}", *args)
         for name, value in feeds.items():
             binding[1].bind_cpu_input(name, value)
-        binding[1].bind_output("logits")  # unallocated again: its shape changes between prefill and decode
+        decode = input_ids.shape[1] == 1 and self._logits_float32
+        if not decode:
+            binding[2] = None
+            binding[1].bind_output("logits")  # unallocated: its shape is the step's
+        elif binding[2] is None or binding[2].shape[0] != input_ids.shape[0]:
+            # A decode step's logits are [batch, 1, vocab] every step: bound once to a buffer of ours, so a
+            # step neither allocates them nor wraps every bound output for Python (0.2 -> 0.1 ms a step)
+            binding[2] = np.empty((input_ids.shape[0], 1, self.config.vocab_size), dtype=np.float32)
+            binding[1].bind_output("logits", "cpu", 0, np.float32, binding[2].shape, binding[2].ctypes.data)
         self.session.run_with_iobinding(binding[1])
         # a copy: the bound output's memory is reused by the next step
-        logits = np.array(binding[1].get_outputs()[0].numpy(), dtype=np.float32, copy=True)
+        logits = binding[2].copy() if decode else np.array(binding[1].get_outputs()[0].numpy(), dtype=np.float32,
+                                                             copy=True)
         state.mask = feeds["attention_mask"]
         return logits
 
