@@ -159,18 +159,21 @@ def _clone_info(info: onnx.ValueInfoProto, names: dict[str, str], k: int) -> onn
 
 def _template_weights(template, initializers, mark: str) -> dict[str, None] | None:
     """The template's own weights: initializers it reads that name layer TEMPLATE (as a placeholder's
-    source or by name). None when it reads another layer's weights (the optimizer merged equal small
-    weights of two layers: the clones would have to guess)."""
+    source or by name). None when it reads another module's weight (the optimizer merges equal small
+    weights, say layer 0's and layer 1's norms: the clones would have to guess); constants it reads
+    (shapes, rotary tables) are shared."""
     own = {}
     read = {i for n in template for i in n.input if i in initializers}
     for name in [name for name in initializers if name in read]:
-        t = initializers[name]
-        label = _placeholder_source(t, mark) or name
-        found = {int(m.group(1)) for m in _LAYER.finditer(label)}
+        location = _placeholder_source(initializers[name], mark)
+        source = location[len(mark):] if location is not None else name
+        found = {int(m.group(1)) for m in _LAYER.finditer(source)}
         if found - {TEMPLATE}:
             return None
         if found:
             own[name] = None
+        elif source.startswith(("model.", "lm_head.")):
+            return None  # another module's weight (e.g. model.norm's, equal to this layer's and merged)
     return own
 
 

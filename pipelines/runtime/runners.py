@@ -384,7 +384,8 @@ class OnnxRuntimeRunner(DecoderRunner):
             binding[1].bind_output("logits")  # unallocated: its shape is the step's
         elif binding[2] is None or binding[2].shape[0] != input_ids.shape[0]:
             # A decode step's logits are [batch, 1, vocab] every step: bound once to a buffer of ours, so a
-            # step neither allocates them nor wraps every bound output for Python (0.2 -> 0.1 ms a step)
+            # step neither allocates them nor wraps every bound output for Python (156M int4: Python time between
+            # steps 0.21-0.26 -> 0.15-0.17 ms)
             binding[2] = np.empty((input_ids.shape[0], 1, self.config.vocab_size), dtype=np.float32)
             binding[1].bind_output("logits", "cpu", 0, np.float32, binding[2].shape, binding[2].ctypes.data)
         self.session.run_with_iobinding(binding[1])

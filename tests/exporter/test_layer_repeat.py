@@ -126,18 +126,22 @@ def test_same_outputs_and_pytorch_parity(pair):
     np.testing.assert_allclose(outs[1]["logits"], expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_a_layer_reading_another_layers_weight_falls_back_to_the_full_capture(tmp_path):
-    """Equal norm weights in layers 0 and 1: the optimizer keeps one initializer for both, so the template
-    reads layer 0's weight and cannot be cloned; every layer is captured and the graph is still right."""
+@pytest.mark.parametrize("copy_from", ["model.layers.0.input_layernorm.weight", "model.norm.weight"])
+def test_a_layer_sharing_another_modules_weight_is_still_right(copy_from, tmp_path):
+    """Layer 1's input norm equal to layer 0's (or to the final norm): the optimizer keeps one initializer
+    for both, so the template may read another module's weight, which its clones must not share; either
+    the template is refused and every layer is captured, or the merged weight is layer 1's own. Layers
+    2 and 3 keep their own norms: the logits still match PyTorch."""
     from safetensors.torch import load_file, save_file
 
     ckpt = make_hf_checkpoint(tmp_path / "ckpt", vocab_size=160, num_hidden_layers=4)
     tensors = load_file(str(ckpt / "model.safetensors"))
-    tensors["model.layers.1.input_layernorm.weight"] = tensors["model.layers.0.input_layernorm.weight"].clone()
+    tensors["model.layers.1.input_layernorm.weight"] = tensors[copy_from].clone()
     save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     source = resolve_model(str(ckpt))
     exported = _export(source, tmp_path / "out", {"logits": "last"}, repeat=True)
-    assert exported.stats["captured_layers"] == 4
+    if copy_from.startswith("model.layers.0."):
+        assert exported.stats["captured_layers"] == 4  # the template read layer 0's weight: refused
     feeds = _feeds(source, exported)
     logits = ort.InferenceSession(str(exported.onnx_path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     model = load_model(source)
@@ -145,3 +149,24 @@ def test_a_layer_reading_another_layers_weight_falls_back_to_the_full_capture(tm
     with torch.no_grad():
         expected, _ = model(*[torch.from_numpy(feeds[k]) for k in ("input_ids", "position_ids", "attention_mask")], cache)
     np.testing.assert_allclose(logits, expected[:, -1:].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_template_reading_a_non_layer_weight_is_refused(tmp_path):
+    """The optimizer keeps the first of equal small weights; were that the final norm's, the template
+    would read ``model.norm.weight`` and its clones would share it. Planted in a two-layer capture."""
+    from llmtrt.exporter import layer_repeat
+
+    source = resolve_model(str(make_hf_checkpoint(tmp_path / "ckpt", vocab_size=160, num_hidden_layers=2)))
+    checkpoint = streaming.Checkpoint(source.config, source.checkpoint_dir)
+
+    def capture():
+        return streaming.capture(checkpoint, source.config, "dynamic", repeat=False)
+
+    def repeat(proto):
+        return layer_repeat.repeat_layers(proto, 4, lambda name, shape: b"", streaming.MARK)
+
+    assert repeat(capture()) is not None  # the unplanted capture is cloned
+    planted = capture()
+    norm = next(n for n in planted.graph.node if "model.layers.1.input_layernorm.weight" in n.input)
+    norm.input[list(norm.input).index("model.layers.1.input_layernorm.weight")] = "model.norm.weight"
+    assert repeat(planted) is None
