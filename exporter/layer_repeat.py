@@ -17,7 +17,7 @@ the reshape targets of the attention), and clones it for layers 2..N-1:
   after their modules as in a full capture.
 
 ``repeat_layers`` returns None when the template does not look like that (a layer that reads another
-layer's weights, more than one value leaving the layer, nodes of the layer out of order), and the
+module's weight, more than one value leaving the layer, nodes of the layer out of order), and the
 caller captures all the layers instead. tests/exporter/test_layer_repeat.py compares the result with
 the full capture: the same nodes, names and weights, the same outputs.
 """
