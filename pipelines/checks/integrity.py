@@ -43,7 +43,7 @@ def check_artifact(directory: str | Path, manifest: dict[str, Any] | None = None
         findings.append(Finding("model", "model_source", False, reason))
         return findings
     findings.append(_config_finding(manifest, source))
-    findings += graph_facts(graph, exported.config, exported.io)
+    findings += graph_facts(graph, exported.config, exported.io, exported.onnx_path.parent)
     findings += _precision_findings(graph, manifest)
     if weights:
         from llmtrt.pipelines.checks.weights import check_weights
@@ -79,9 +79,10 @@ def _config_finding(manifest: dict[str, Any], source) -> Finding:
 # --------------------------------------------------------------------------------------------
 # graph facts
 # --------------------------------------------------------------------------------------------
-def graph_facts(graph, config, io) -> list[Finding]:
-    """The graph's epsilons, head counts, attention scale, rotary tables and IO against the config."""
-    from onnx import helper, numpy_helper
+def graph_facts(graph, config, io, base_dir: Path) -> list[Finding]:
+    """The graph's epsilons, head counts, attention scale, rotary tables and IO against the config
+    (tables in external data are read from ``base_dir``)."""
+    from onnx import helper
 
     findings = []
     eps = _epsilons(graph)
@@ -104,9 +105,10 @@ def graph_facts(graph, config, io) -> list[Finding]:
     tables = {t.name: t for t in graph.graph.initializer if t.name in ("rope_cos", "rope_sin")}
     if tables:
         from llmtrt.exporter.model import rope_tables
+        from llmtrt.pipelines.checks.tensors import read_initializer
 
         cos, sin = rope_tables(config, int(tables["rope_cos"].dims[0]))
-        worst = max(float(np.abs(numpy_helper.to_array(tables[n]).astype(np.float64) - ref.numpy()).max())
+        worst = max(float(np.abs(read_initializer(tables[n], base_dir).astype(np.float64) - ref.numpy()).max())
                     for n, ref in (("rope_cos", cos), ("rope_sin", sin)) if n in tables)
         findings.append(Finding("graph", "rope_cos/rope_sin", worst <= 2e-3, "rotary tables recomputed from the "
                                 "config (theta, scaling)", worst))

@@ -320,3 +320,29 @@ def test_cli_exit_codes_and_json(exports, tmp_path):
     prompt = runner.invoke(main, ["validate", str(exports["custom"]), "--prompt", "The for statement",
                                   "--batch", "3", "--decode-steps", "2"])
     assert prompt.exit_code == 0, prompt.output
+
+
+def test_integrity_reads_the_rotary_tables_from_external_data(tmp_path):
+    """An export with its weights in model.onnx.data (every export over 64 MiB of weights) keeps its
+    rotary tables there too: the integrity checks read them from the file (they once raised on them),
+    and a table changed in the file is named."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    from llmtrt.pipelines.artifacts import onnx_sha256
+    from llmtrt.pipelines.checks.integrity import check_artifact
+
+    out = tmp_path / "external"
+    export_artifact(resolve_model("tiny"), out, ExportOptions(max_positions=64, external_data=True))
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    cos = next(t for t in graph.initializer if t.name == "rope_cos")
+    assert cos.data_location == onnx.TensorProto.EXTERNAL  # the case under test
+    assert all(check_artifact(out))
+    offset = ExternalDataInfo(cos).offset
+    with open(out / "model.onnx.data", "r+b") as f:  # rope_cos[1, 0] (cos of one radian) -> 0.0
+        f.seek(offset + 4 * cos.dims[1])
+        f.write(np.float32(0.0).tobytes())
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["onnx_sha256"] = onnx_sha256(out / "model.onnx")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    bad = [f.subject for f in check_artifact(out) if not f]
+    assert "rope_cos/rope_sin" in bad
