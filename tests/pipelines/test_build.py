@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import time
 
 import numpy as np
 import onnx
@@ -506,3 +507,39 @@ def test_lowered_file_keeps_external_weights_reachable(tmp_path):
     result = build.build_engine(dst, tmp_path / "eng", precision="fp32", backend="tensorrt-rtx", profiles=PROFILES)
     assert result.plan_path.stat().st_size == result.manifest["plan_bytes"]
     assert result.manifest["onnx_sha256"] != hashlib.sha256(dst.read_bytes()).hexdigest()  # weights hashed too
+
+
+def test_plan_writer_hashes_every_chunk_it_writes(tmp_path):
+    """The plan writer hashes large chunks on a thread while it writes them, small ones inline: the
+    file and the sha256 must both be the chunks in order, whichever path each took. Each chunk's
+    buffer is overwritten once ``write`` returns, as TensorRT reuses it, and the hash is slow, so a
+    writer that returned before its hash thread had read the chunk would hash the overwritten bytes."""
+    from llmtrt.pipelines.engine import network
+
+    class FakeTrt:
+        class IStreamWriter:
+            def __init__(self) -> None:
+                pass
+
+    rng = np.random.default_rng(0)
+    sizes = [10, network.OVERLAP_HASH_BYTES + 3, 1, 3 * network.OVERLAP_HASH_BYTES, network.OVERLAP_HASH_BYTES - 1]
+    chunks = [rng.bytes(n) for n in sizes]
+    class SlowSha:
+        def __init__(self) -> None:
+            self.sha = hashlib.sha256()
+
+        def update(self, data) -> None:
+            time.sleep(0.02)
+            self.sha.update(data)
+
+    sha = SlowSha()
+    with open(tmp_path / "plan", "wb") as out:
+        writer = network._stream_writer(FakeTrt, out, sha)
+        for chunk in chunks:
+            buffer = bytearray(chunk)
+            assert writer.write(buffer) == len(chunk)
+            buffer[:] = bytes(len(chunk))
+    whole = b"".join(chunks)
+    assert writer.written == len(whole)
+    assert (tmp_path / "plan").read_bytes() == whole
+    assert sha.sha.hexdigest() == hashlib.sha256(whole).hexdigest()
