@@ -80,7 +80,9 @@ def build(export_dir: str, out_dir: str, backend: str | None, precision: str | N
     """Build a TensorRT engine from EXPORT_DIR (written by `llmtrt export` or `llmtrt quantize`).
 
     The ONNX named by EXPORT_DIR/manifest.json is lowered to OUT/model.<lower>.onnx and built into
-    OUT/engine.<precision>.plan with two optimization profiles, prefill and decode.
+    OUT/engine.<precision>.plan for prefill and decode shapes: TensorRT gets a profile for each,
+    TensorRT-RTX one profile covering both (it stores the weights once per profile; see
+    --separate-profiles).
     OUT/engine.<precision>.json records the backend and version, target compute capabilities,
     profiles, the exported ONNX's sha256, plan sha256, plan size against the weights', build
     seconds, peak RSS and the network's layers with their precisions. Flags are checked before any
