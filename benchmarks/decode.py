@@ -13,6 +13,12 @@ decode tokens/s stays meaningful while the machine's speed drifts. Each pass is 
 decoded token (the builder's runtime spins its threads, ours lets them sleep, so CPU time is a figure per
 runtime, not a ratio). ``builder ... @ort`` rows run the builder's graph in plain ONNX Runtime with our
 session settings: the graphs compared under the same runtime conditions.
+
+Our runner and the @ort rows put each session's memory on 2 MiB pages (pipelines/runtime/huge_pages.py,
+what `llmtrt generate` does from 512 new tokens, or with --huge-pages); the ``4 KiB pages`` rows are
+our main graphs without it. The builder's runtime gets what the machine's transparent-huge-page mode gives
+it (``madvise``, the Debian/Ubuntu default: 4 KiB pages). Rows say how many MiB were collapsed and the
+seconds that added to opening the session (not part of any timed figure).
 """
 
 from __future__ import annotations
@@ -44,14 +50,17 @@ class OrtDecoder:
     """An ONNX graph of ours in llmtrt's ONNX Runtime runner (what validate and generate run)."""
 
     def __init__(self, onnx_path: Path, config, layout: str = "dynamic", threads: int = THREADS,
-                 contrib: bool | None = None) -> None:
+                 contrib: bool | None = None, huge_pages: bool = True) -> None:
         from llmtrt.pipelines.runtime.runners import OnnxRuntimeRunner
 
         self.config = config
-        self.runner = OnnxRuntimeRunner(onnx_path, config, layout, threads=threads, contrib=contrib)
+        self.runner = OnnxRuntimeRunner(onnx_path, config, layout, threads=threads, contrib=contrib,
+                                        huge_pages=huge_pages)
+        self.huge_pages = None  # the last open's huge_pages.Report
 
     def __enter__(self) -> OrtDecoder:
         self.runner.activate()
+        self.huge_pages = self.runner.huge_pages
         return self
 
     def __exit__(self, *exc) -> None:
@@ -114,13 +123,17 @@ class BuilderInOrt:
     appends to in place): the same runtime conditions as our graphs, so the graphs are compared, not the
     runtimes."""
 
-    def __init__(self, model_dir: Path, config, threads: int = THREADS) -> None:
+    def __init__(self, model_dir: Path, config, threads: int = THREADS, huge_pages: bool = True) -> None:
         self.path, self.config, self.threads, self.session = Path(model_dir) / "model.onnx", config, threads, None
+        self.want_huge_pages, self.huge_pages = huge_pages, None
 
     def __enter__(self) -> BuilderInOrt:
+        from llmtrt.pipelines.runtime import huge_pages
         from llmtrt.pipelines.runtime.runners import ort_session
 
+        before = huge_pages.snapshot() if self.want_huge_pages else None
         self.session = ort_session(self.path, threads=self.threads)
+        self.huge_pages = huge_pages.back_new_memory(before) if before is not None else None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -162,10 +175,13 @@ def side_by_side(decoders: dict, prompt_len: int = 128, new_tokens: int = 128, r
     the greedy tokens and the prefill's last logits of its last pass."""
     names = list(decoders)
     passes: dict[str, list[Pass]] = {name: [] for name in names}
+    huge: dict[str, list] = {name: [] for name in names}
     for r in range(rounds):
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
             with decoders[name] as decoder:
+                if getattr(decoder, "huge_pages", None) is not None:
+                    huge[name].append(decoder.huge_pages)
                 decoder.run(min(prompt_len, 16), min(new_tokens, 4))  # warm-up: first-run allocations
                 passes[name].append(decoder.run(prompt_len, new_tokens))
     rows = {}
@@ -177,6 +193,9 @@ def side_by_side(decoders: dict, prompt_len: int = 128, new_tokens: int = 128, r
             "decode_cpu_ms_per_token": round(1000 * statistics.median(p.decode_cpu_s for p in ps) / new_tokens, 3),
             "_tokens": ps[-1].tokens, "_prefill_logits": ps[-1].prefill_logits,
         }
+        if huge[name]:  # medians over the passes' opens
+            rows[name]["huge_pages_mib"] = round(statistics.median(h.collapsed_bytes for h in huge[name]) / 2**20, 1)
+            rows[name]["huge_pages_open_s"] = round(statistics.median(h.seconds for h in huge[name]), 3)
     return rows
 
 
@@ -243,6 +262,7 @@ TARGETS = {"fp32 (best dialect) / builder fp32": 1.0, "int8-wo / builder int8": 
 
 
 AS_WRITTEN = "as written"  # label suffix: the graph run without the runner's contrib-kernel rewrite
+SMALL_PAGES = "4 KiB pages"  # label suffix: the graph in our runner without huge pages
 
 # our quantized graphs: (precision, quantize_lm_head). The default keeps the lm_head fp16; the builder's
 # int8/int4 graphs quantize theirs (MatMulNBits), so the like-for-like rows quantize ours too.
@@ -317,12 +337,15 @@ def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len
     for label in written:
         kind, path = graphs.get(label, ("error", f"no {label} graph"))
         graphs[f"{label} {AS_WRITTEN}"] = ("ort-written", path) if kind == "ort" else (kind, path)
-    groups = {"fp32": [f"{d} fp32" for d in dialects] + [f"{written[0]} {AS_WRITTEN}", "builder fp32",
-                                                           "builder fp32 @ort"],
+        graphs[f"{label} {SMALL_PAGES}"] = ("ort-4k", path) if kind == "ort" else (kind, path)
+    groups = {"fp32": [f"{d} fp32" for d in dialects] + [f"{written[0]} {AS_WRITTEN}", f"{written[0]} {SMALL_PAGES}",
+                                                           "builder fp32", "builder fp32 @ort"],
               "int8": [f"{quantized_dialect} int8-wo", f"{quantized_dialect} int8-wo lm_head int8",
-                       f"{written[1]} {AS_WRITTEN}", "builder int8", "builder int8 @ort"],
+                       f"{written[1]} {AS_WRITTEN}", f"{written[1]} {SMALL_PAGES}", "builder int8",
+                       "builder int8 @ort"],
               "int4": [f"{quantized_dialect} int4-awq", f"{quantized_dialect} int4-awq lm_head int4",
-                       f"{written[2]} {AS_WRITTEN}", "builder int4", "builder int4 @ort"]}
+                       f"{written[2]} {AS_WRITTEN}", f"{written[2]} {SMALL_PAGES}", "builder int4",
+                       "builder int4 @ort"]}
     rows: dict[str, dict] = {}
     errors = [f"{label}: {graphs[label][1]}" for label in graphs if graphs[label][0] == "error"]
     for labels in groups.values():
@@ -345,6 +368,7 @@ def issue15_comparison(work: Path, checkpoint: Path, rounds: int = 5, prompt_len
 def _decoder(graph: tuple[str, Path], config):
     kind, path = graph
     return {"ort": lambda: OrtDecoder(path, config), "ort-written": lambda: OrtDecoder(path, config, contrib=False),
+            "ort-4k": lambda: OrtDecoder(path, config, huge_pages=False),
             "genai": lambda: GenaiDecoder(path), "builder@ort": lambda: BuilderInOrt(path, config)}[kind]()
 
 
@@ -365,8 +389,13 @@ def _issue15_ratios(rows: dict, dialects: tuple[str, ...], quantized: str) -> di
     out["fp32 (best dialect) / builder fp32 @ort"] = max((r for r in at_ort if r is not None), default=None)
     out["int8-wo / builder int8 @ort"] = ratio(f"{quantized} int8-wo lm_head int8", "builder int8 @ort")
     out["int4-awq / builder int4 @ort"] = ratio(f"{quantized} int4-awq lm_head int4", "builder int4 @ort")
-    for label in (f"{quantized} fp32", f"{quantized} int8-wo lm_head int8", f"{quantized} int4-awq lm_head int4"):
+    mains = (f"{quantized} fp32", f"{quantized} int8-wo lm_head int8", f"{quantized} int4-awq lm_head int4")
+    for label in mains:
         out[f"{label}: contrib kernels / {AS_WRITTEN}"] = ratio(label, f"{label} {AS_WRITTEN}")
+    for label in mains:
+        out[f"{label}: huge pages / {SMALL_PAGES}"] = ratio(label, f"{label} {SMALL_PAGES}")
+    for label, builder in zip(mains, ("builder fp32", "builder int8", "builder int4"), strict=True):
+        out[f"{label} {SMALL_PAGES} / {builder}"] = ratio(f"{label} {SMALL_PAGES}", builder)
     return out
 
 

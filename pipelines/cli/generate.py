@@ -8,6 +8,7 @@ import click
 
 from llmtrt.pipelines.cli import main, user_errors
 from llmtrt.pipelines.errors import LlmtrtUserError
+from llmtrt.pipelines.runtime import huge_pages as hp
 
 
 @main.command()
@@ -37,6 +38,11 @@ from llmtrt.pipelines.errors import LlmtrtUserError
               help="ONNX Runtime execution provider for an ONNX ARTIFACT (auto: CUDA when available).")
 @click.option("--precision", default=None,
               help="Which engine of an engine directory holding several (engine.<precision>.plan).")
+@click.option("--huge-pages/--no-huge-pages", default=None,
+              help="ONNX Runtime on the CPU: move the session's weights onto 2 MiB pages once it is open. "
+                   f"Measured on a 2-core VM: decode 6-16% faster, open 0.05-1.8 s slower for 0.1-0.5 GB "
+                   f"of weights. Default: "
+                   f"on from --max-new-tokens {hp.HUGE_PAGES_FROM_TOKENS}; $LLMTRT_HUGE_PAGES=1/0 sets it.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print only a JSON summary (text, new_tokens, prefill_ms, prefill_tokens_per_s, "
                    "decode_tokens_per_s, stop_reason, ...).")
@@ -44,7 +50,7 @@ from llmtrt.pipelines.errors import LlmtrtUserError
 def generate(artifact: str | None, model_spec: str | None, prompt: str, no_bos: bool, chat: bool,
              max_new_tokens: int, greedy: bool,
              temperature: float | None, top_p: float | None, seed: int, stream: bool, provider: str,
-             precision: str | None, as_json: bool) -> None:
+             precision: str | None, huge_pages: bool | None, as_json: bool) -> None:
     """Continue PROMPT with the KV cache: prefill the prompt, then one token per step.
 
     ARTIFACT is a directory written by `llmtrt export` / the precision stage (manifest.json; run with
@@ -82,8 +88,10 @@ def generate(artifact: str | None, model_spec: str | None, prompt: str, no_bos: 
     tokenizer = load_tokenizer(source, add_bos=False if no_bos else None)  # before any model is loaded
     if chat:
         tokenizer.chat_ids(prompt)  # no chat template, or one that fails to render: fail now
-    runner = (open_runner(artifact, provider=provider, precision=precision) if artifact is not None
-              else PyTorchRunner(resolve_model(model_spec)))
+    if huge_pages is None:
+        huge_pages = hp.wanted(max_new_tokens >= hp.HUGE_PAGES_FROM_TOKENS)
+    runner = (open_runner(artifact, provider=provider, precision=precision, huge_pages=huge_pages)
+              if artifact is not None else PyTorchRunner(resolve_model(model_spec)))
 
     def on_text(row: int, chunk: str) -> None:
         click.echo(chunk, nl=False)
@@ -111,6 +119,7 @@ def _print_result(result, runner, prompt: str, sampling, *, chat: bool, stream: 
             "stop_reason": reason, "prompt_tokens": s.prompt_tokens, "prefill_ms": s.prefill_ms,
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_ms": s.decode_ms,
             "decode_tokens_per_s": s.decode_tokens_per_s, "runner": runner.description,
+            "huge_pages": (runner.huge_pages.as_dict() if getattr(runner, "huge_pages", None) is not None else None),
             "sampling": {"greedy": sampling.greedy, "temperature": sampling.temperature, "top_p": sampling.top_p,
                          "seed": sampling.seed}}, indent=2))
         return

@@ -28,10 +28,11 @@ def artifact_kind(path: str | Path) -> str:
 
 
 def open_runner(path: str | Path, *, provider: str = "cpu", threads: int | None = None,
-                precision: str | None = None) -> DecoderRunner:
-    """The runner for an artifact directory (ONNX or engine), chosen from what its manifest says it is."""
+                precision: str | None = None, huge_pages: bool | None = None) -> DecoderRunner:
+    """The runner for an artifact directory (ONNX or engine), chosen from what its manifest says it is.
+    ``huge_pages``: an ONNX Runtime session's memory on 2 MiB pages (runtime/huge_pages.py)."""
     if artifact_kind(path) == "onnx":
-        return OnnxRuntimeRunner.from_artifact(path, provider=provider, threads=threads)
+        return OnnxRuntimeRunner.from_artifact(path, provider=provider, threads=threads, huge_pages=huge_pages)
     from llmtrt.pipelines.runtime.engine_runner import TensorRTRunner
 
     return TensorRTRunner(path, precision=precision)

@@ -27,6 +27,7 @@ from polygraphy.common import TensorMetadata
 from llmtrt.exporter.config import ModelConfig, ModelSource
 from llmtrt.exporter.errors import LlmtrtUserError
 from llmtrt.exporter.kv_cache import CacheState, KVLayout, get_layout
+from llmtrt.pipelines.runtime import huge_pages as hp
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(bfloat16)": np.float32}
@@ -263,7 +264,8 @@ class OnnxRuntimeRunner(DecoderRunner):
     def __init__(self, onnx_path: str | Path, config: ModelConfig, layout: KVLayout | str = "dynamic", *,
                  max_positions: int | None = None, provider: str = "cpu", threads: int | None = None,
                  name: str = "onnxruntime", session_factory: Callable[[], Any] | None = None,
-                 label: str = "", spinning: bool | None = None, contrib: bool | None = None) -> None:
+                 label: str = "", spinning: bool | None = None, contrib: bool | None = None,
+                 huge_pages: bool | None = None) -> None:
         import onnxruntime as ort
 
         from llmtrt.pipelines.engine.profiles import max_positions_from_file
@@ -275,6 +277,9 @@ class OnnxRuntimeRunner(DecoderRunner):
                          f"ONNX Runtime {ort.__version__} {provider} ({self.onnx_path}{label}, {layout.name} cache)")
         self.provider, self.threads, self.spinning = provider, threads, spinning
         self.contrib = contrib_wanted() if contrib is None else contrib
+        # the session's memory on 2 MiB pages (runtime/huge_pages.py): faster decode, slower open
+        self.want_huge_pages = hp.wanted(False) if huge_pages is None else huge_pages
+        self.huge_pages: hp.Report | None = None  # what was collapsed, once the session is open
         self.fused = None  # what ort_fusion rewrote, once the session is open
         self.shared_buffers = False
         self.bf16_emulated = session_factory is None and provider == "cpu" and _is_bf16_artifact(self.onnx_path)
@@ -329,7 +334,12 @@ class OnnxRuntimeRunner(DecoderRunner):
     def activate_impl(self) -> None:
         self.description = self._base_description = getattr(self, "_base_description", self.description)
         self.fused = None
+        before = hp.snapshot() if self.want_huge_pages else None
         self.session = self._factory()
+        self.huge_pages = None
+        if before is not None and self.session.get_providers()[0] == "CPUExecutionProvider":
+            self.huge_pages = hp.back_new_memory(before)
+            self.description += f"; huge pages: {self.huge_pages}"
         self._types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         self._logits_float32 = (logits is not None and logits.type == "tensor(float)"

@@ -1,0 +1,179 @@
+"""Put the memory a new ONNX Runtime session allocated (its weights, prepacked) on 2 MiB pages.
+
+    before = huge_pages.snapshot()
+    session = ort.InferenceSession(...)          # weights land in new anonymous memory
+    report = huge_pages.back_new_memory(before)  # that memory, collapsed into transparent huge pages
+
+A decode step reads every weight once; on 4 KiB pages that is one TLB entry per 4 KiB of weights,
+on 2 MiB pages one per 2 MiB. With transparent huge pages in ``madvise`` mode (the Debian and Ubuntu
+default) nothing gets them unless it asks: this module asks, with ``madvise(MADV_HUGEPAGE)`` and
+``madvise(MADV_COLLAPSE)`` (Linux >= 6.1) on the anonymous memory that appeared while the session
+was opened. Measured (156M-shaped graphs, two sessions of one graph in one process, one collapsed,
+8 interleaved rounds of 128 tokens, 2-core VM): decode tokens/s fp32 x1.148, int8 weight-only
+x1.164, int4 x1.057. The price is paid once, at session open: collapsing copies the pages, 0.05-1.8 s
+for 114-486 MB on that VM (fresh guest memory is slow to fault in). Contents never change, so
+outputs are bit-identical.
+
+Nothing here fails a caller: without Linux, without transparent huge pages ("never"), or on a kernel
+without MADV_COLLAPSE, the report says what happened and the session runs on the pages it has.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HUGE = 2 << 20
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+ENV = "LLMTRT_HUGE_PAGES"
+# `llmtrt generate` turns huge pages on by itself from this many new tokens: where the faster decode
+# has paid for the slower open on the 2-core VM (break-even 230-700 tokens for 156M fp32/int8/int4)
+HUGE_PAGES_FROM_TOKENS = 512
+
+
+@dataclass
+class Report:
+    """What :func:`back_new_memory` did: bytes now on huge pages, bytes the kernel would not collapse,
+    seconds spent, and a note when it could do nothing (or only part)."""
+
+    collapsed_bytes: int = 0
+    failed_bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = f"{self.collapsed_bytes / 2**20:.0f} MiB on 2 MiB pages in {self.seconds:.2f} s"
+        if self.failed_bytes:
+            text += f" ({self.failed_bytes / 2**20:.0f} MiB refused)"
+        return "; ".join([text, *self.notes]) if self.collapsed_bytes or not self.notes else "; ".join(self.notes)
+
+    def as_dict(self) -> dict:
+        return {"collapsed_bytes": self.collapsed_bytes, "failed_bytes": self.failed_bytes,
+                "seconds": round(self.seconds, 3), "notes": self.notes}
+
+
+def thp_mode(setting: Path = THP_SETTING) -> str | None:
+    """The kernel's transparent-huge-page mode (always, madvise, never), None where there is none."""
+    try:
+        text = setting.read_text()
+    except OSError:
+        return None
+    chosen = [w.strip("[]") for w in text.split() if w.startswith("[")]
+    return chosen[0] if chosen else None
+
+
+Range = tuple[int, int]
+
+
+def anonymous_regions(smaps: str | None = None) -> list[tuple[int, int, int]]:
+    """Private writable anonymous mappings of this process (the heap and unnamed ones) as
+    (start, end, resident anonymous bytes), from /proc/self/smaps (or the text given)."""
+    text = smaps if smaps is not None else Path("/proc/self/smaps").read_text()
+    regions: list[tuple[int, int, int]] = []
+    current: list[int] | None = None
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if "-" in parts[0] and not parts[0].endswith(":"):
+            lo, _, hi = parts[0].partition("-")
+            name = parts[5] if len(parts) > 5 else ""
+            current = None
+            if parts[1] == "rw-p" and name in ("", "[heap]"):
+                current = [int(lo, 16), int(hi, 16), 0]
+                regions.append(current)  # type: ignore[arg-type]
+        elif parts[0] == "Anonymous:" and current is not None:
+            current[2] = int(parts[1]) << 10
+    return [tuple(r) for r in regions]  # type: ignore[misc]
+
+
+def snapshot() -> list[Range]:
+    """The anonymous ranges that exist now (what :func:`back_new_memory` leaves alone)."""
+    try:
+        return [(lo, hi) for lo, hi, _ in anonymous_regions()]
+    except OSError:
+        return []
+
+
+def subtract(ranges: list[Range], taken: list[Range]) -> list[Range]:
+    """The parts of ``ranges`` outside every range of ``taken`` (both lists of [start, end))."""
+    out: list[Range] = []
+    taken = sorted(taken)
+    for lo, hi in ranges:
+        cursor = lo
+        for t_lo, t_hi in taken:
+            if t_hi <= cursor or t_lo >= hi:
+                continue
+            if t_lo > cursor:
+                out.append((cursor, t_lo))
+            cursor = max(cursor, t_hi)
+            if cursor >= hi:
+                break
+        if cursor < hi:
+            out.append((cursor, hi))
+    return out
+
+
+def huge_aligned(ranges: list[Range]) -> list[Range]:
+    """Each range shrunk to whole 2 MiB pages; ranges holding none are dropped."""
+    out = []
+    for lo, hi in ranges:
+        a, b = -(-lo // HUGE) * HUGE, hi // HUGE * HUGE
+        if b > a:
+            out.append((a, b))
+    return out
+
+
+def wanted(default: bool) -> bool:
+    """$LLMTRT_HUGE_PAGES (1/on, 0/off) over the caller's default."""
+    from llmtrt.pipelines.cpu import env_choice
+
+    forced = env_choice(ENV, {"1": True, "on": True, "0": False, "off": False})
+    return default if forced is None else forced
+
+
+def back_new_memory(before: list[Range], *, min_populated: float = 0.5) -> Report:
+    """Collapse into huge pages the anonymous memory that appeared since ``before`` (a :func:`snapshot`),
+    in mappings at least ``min_populated`` resident (a thread stack or a mostly empty reservation would
+    be filled in otherwise)."""
+    report = Report()
+    mode = thp_mode()
+    if mode is None or not sys.platform.startswith("linux"):
+        report.notes.append("no transparent huge pages on this system")
+        return report
+    if mode == "never":
+        report.notes.append("transparent huge pages are off (never)")
+        return report
+    t0 = time.perf_counter()
+    try:
+        regions = anonymous_regions()
+    except OSError as exc:
+        report.notes.append(f"cannot read /proc/self/smaps ({exc.strerror})")
+        return report
+    fresh = [(lo, hi) for lo, hi, anon in regions if anon >= min_populated * (hi - lo)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    collapse = True
+    for lo, hi in huge_aligned(subtract(fresh, before)):
+        madvise(lo, hi - lo, MADV_HUGEPAGE)
+        if not collapse:
+            continue
+        if madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+            report.collapsed_bytes += hi - lo
+            continue
+        err = ctypes.get_errno()
+        if err == errno.EINVAL:  # a kernel before 6.1: khugepaged collapses MADV_HUGEPAGE memory, slowly
+            collapse = False
+            report.notes.append("kernel without MADV_COLLAPSE: marked for khugepaged only")
+        else:
+            report.failed_bytes += hi - lo
+    report.seconds = time.perf_counter() - t0
+    return report
