@@ -131,9 +131,8 @@ class BuilderInOrt:
         from llmtrt.pipelines.runtime import huge_pages
         from llmtrt.pipelines.runtime.runners import ort_session
 
-        before = huge_pages.snapshot() if self.want_huge_pages else None
         self.session = ort_session(self.path, threads=self.threads)
-        self.huge_pages = huge_pages.back_new_memory(before) if before is not None else None
+        self.huge_pages = huge_pages.collapse_anonymous_memory() if self.want_huge_pages else None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -194,7 +193,7 @@ def side_by_side(decoders: dict, prompt_len: int = 128, new_tokens: int = 128, r
             "_tokens": ps[-1].tokens, "_prefill_logits": ps[-1].prefill_logits,
         }
         if huge[name]:  # medians over the passes' opens
-            rows[name]["huge_pages_mib"] = round(statistics.median(h.collapsed_bytes for h in huge[name]) / 2**20, 1)
+            rows[name]["huge_pages_mib"] = round(statistics.median(h.huge_bytes for h in huge[name]) / 2**20, 1)
             rows[name]["huge_pages_open_s"] = round(statistics.median(h.seconds for h in huge[name]), 3)
     return rows
 

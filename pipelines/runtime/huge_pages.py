@@ -1,18 +1,15 @@
-"""Put the memory a new ONNX Runtime session allocated (its weights, prepacked) on 2 MiB pages.
+"""Put an ONNX Runtime session's memory (its weights, prepacked when it opened) on 2 MiB pages.
 
-    before = huge_pages.snapshot()
-    session = ort.InferenceSession(...)          # weights land in new anonymous memory
-    report = huge_pages.back_new_memory(before)  # that memory, collapsed into transparent huge pages
+    session = ort.InferenceSession(...)                # weights land in anonymous memory
+    report = huge_pages.collapse_anonymous_memory()   # that memory, moved onto transparent huge pages
 
-A decode step reads every weight once; on 4 KiB pages that is one TLB entry per 4 KiB of weights,
-on 2 MiB pages one per 2 MiB. With transparent huge pages in ``madvise`` mode (the Debian and Ubuntu
-default) nothing gets them unless it asks: this module asks, with ``madvise(MADV_HUGEPAGE)`` and
-``madvise(MADV_COLLAPSE)`` (Linux >= 6.1) on the anonymous memory that appeared while the session
-was opened. Measured (156M-shaped graphs, two sessions of one graph in one process, one collapsed,
-8 interleaved rounds of 128 tokens, 2-core VM): decode tokens/s fp32 x1.148, int8 weight-only
-x1.164, int4 x1.057. The price is paid once, at session open: collapsing copies the pages, 0.05-1.8 s
-for 114-486 MB on that VM (fresh guest memory is slow to fault in). Contents never change, so
-outputs are bit-identical.
+A decode step reads every weight once; on 4 KiB pages the CPU also walks a page table for each 4 KiB
+of weights it misses in the TLB, on 2 MiB pages for each 2 MiB. With transparent huge pages in
+``madvise`` mode (the Debian and Ubuntu default) a process gets none unless it asks: this module asks,
+with ``madvise(MADV_HUGEPAGE)`` and ``madvise(MADV_COLLAPSE)`` (Linux >= 6.1), over the process's
+anonymous memory once the session is open. The price is paid once, when it is called: collapsing
+copies the pages. Contents never change, so outputs are bit-identical. Measured figures:
+docs/benchmarks.md ("Huge pages").
 
 Nothing here fails a caller: without Linux, without transparent huge pages ("never"), or on a kernel
 without MADV_COLLAPSE, the report says what happened and the session runs on the pages it has.
@@ -39,22 +36,25 @@ HUGE_PAGES_FROM_TOKENS = 512
 
 @dataclass
 class Report:
-    """What :func:`back_new_memory` did: bytes now on huge pages, bytes the kernel would not collapse,
+    """What :func:`collapse_anonymous_memory` did: bytes moved onto huge pages, bytes on them afterwards, bytes
+    the kernel would not collapse,
     seconds spent, and a note when it could do nothing (or only part)."""
 
-    collapsed_bytes: int = 0
+    collapsed_bytes: int = 0  # newly on huge pages
+    huge_bytes: int = 0       # the process's anonymous memory on huge pages afterwards
     failed_bytes: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        text = f"{self.collapsed_bytes / 2**20:.0f} MiB on 2 MiB pages in {self.seconds:.2f} s"
+        text = (f"{self.huge_bytes / 2**20:.0f} MiB on 2 MiB pages ({self.collapsed_bytes / 2**20:.0f} MiB "
+                f"moved in {self.seconds:.2f} s)")
         if self.failed_bytes:
             text += f" ({self.failed_bytes / 2**20:.0f} MiB refused)"
-        return "; ".join([text, *self.notes]) if self.collapsed_bytes or not self.notes else "; ".join(self.notes)
+        return "; ".join([text, *self.notes]) if self.huge_bytes or not self.notes else "; ".join(self.notes)
 
     def as_dict(self) -> dict:
-        return {"collapsed_bytes": self.collapsed_bytes, "failed_bytes": self.failed_bytes,
+        return {"huge_bytes": self.huge_bytes, "collapsed_bytes": self.collapsed_bytes, "failed_bytes": self.failed_bytes,
                 "seconds": round(self.seconds, 3), "notes": self.notes}
 
 
@@ -93,33 +93,6 @@ def anonymous_regions(smaps: str | None = None) -> list[tuple[int, int, int]]:
     return [tuple(r) for r in regions]  # type: ignore[misc]
 
 
-def snapshot() -> list[Range]:
-    """The anonymous ranges that exist now (what :func:`back_new_memory` leaves alone)."""
-    try:
-        return [(lo, hi) for lo, hi, _ in anonymous_regions()]
-    except OSError:
-        return []
-
-
-def subtract(ranges: list[Range], taken: list[Range]) -> list[Range]:
-    """The parts of ``ranges`` outside every range of ``taken`` (both lists of [start, end))."""
-    out: list[Range] = []
-    taken = sorted(taken)
-    for lo, hi in ranges:
-        cursor = lo
-        for t_lo, t_hi in taken:
-            if t_hi <= cursor or t_lo >= hi:
-                continue
-            if t_lo > cursor:
-                out.append((cursor, t_lo))
-            cursor = max(cursor, t_hi)
-            if cursor >= hi:
-                break
-        if cursor < hi:
-            out.append((cursor, hi))
-    return out
-
-
 def huge_aligned(ranges: list[Range]) -> list[Range]:
     """Each range shrunk to whole 2 MiB pages; ranges holding none are dropped."""
     out = []
@@ -138,10 +111,22 @@ def wanted(default: bool) -> bool:
     return default if forced is None else forced
 
 
-def back_new_memory(before: list[Range], *, min_populated: float = 0.5) -> Report:
-    """Collapse into huge pages the anonymous memory that appeared since ``before`` (a :func:`snapshot`),
-    in mappings at least ``min_populated`` resident (a thread stack or a mostly empty reservation would
-    be filled in otherwise)."""
+def anon_huge_bytes() -> int:
+    """This process's anonymous memory on huge pages now (AnonHugePages of /proc/self/smaps_rollup)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+
+def collapse_anonymous_memory(*, min_populated: float = 0.5) -> Report:
+    """Put this process's anonymous memory (the heap and unnamed private mappings) on huge pages, in
+    mappings at least ``min_populated`` resident (a thread stack or a mostly empty reservation would be
+    filled in otherwise). Called once a session is open, so that its weights are among it; memory
+    already on huge pages (a previous session's, reused) costs nothing to look at again."""
     report = Report()
     mode = thp_mode()
     if mode is None or not sys.platform.startswith("linux"):
@@ -156,18 +141,18 @@ def back_new_memory(before: list[Range], *, min_populated: float = 0.5) -> Repor
     except OSError as exc:
         report.notes.append(f"cannot read /proc/self/smaps ({exc.strerror})")
         return report
-    fresh = [(lo, hi) for lo, hi, anon in regions if anon >= min_populated * (hi - lo)]
+    populated = [(lo, hi) for lo, hi, anon in regions if anon >= min_populated * (hi - lo)]
     libc = ctypes.CDLL(None, use_errno=True)
     madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
+    huge_before = anon_huge_bytes()
     collapse = True
-    for lo, hi in huge_aligned(subtract(fresh, before)):
+    for lo, hi in huge_aligned(populated):
         madvise(lo, hi - lo, MADV_HUGEPAGE)
         if not collapse:
             continue
         if madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
-            report.collapsed_bytes += hi - lo
             continue
         err = ctypes.get_errno()
         if err == errno.EINVAL:  # a kernel before 6.1: khugepaged collapses MADV_HUGEPAGE memory, slowly
@@ -175,5 +160,7 @@ def back_new_memory(before: list[Range], *, min_populated: float = 0.5) -> Repor
             report.notes.append("kernel without MADV_COLLAPSE: marked for khugepaged only")
         else:
             report.failed_bytes += hi - lo
+    report.huge_bytes = anon_huge_bytes()
+    report.collapsed_bytes = max(0, report.huge_bytes - huge_before)
     report.seconds = time.perf_counter() - t0
     return report

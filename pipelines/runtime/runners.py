@@ -334,11 +334,10 @@ class OnnxRuntimeRunner(DecoderRunner):
     def activate_impl(self) -> None:
         self.description = self._base_description = getattr(self, "_base_description", self.description)
         self.fused = None
-        before = hp.snapshot() if self.want_huge_pages else None
         self.session = self._factory()
         self.huge_pages = None
-        if before is not None and self.session.get_providers()[0] == "CPUExecutionProvider":
-            self.huge_pages = hp.back_new_memory(before)
+        if self.want_huge_pages and self.session.get_providers()[0] == "CPUExecutionProvider":
+            self.huge_pages = hp.collapse_anonymous_memory()
             self.description += f"; huge pages: {self.huge_pages}"
         self._types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)

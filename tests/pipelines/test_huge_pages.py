@@ -20,14 +20,7 @@ from llmtrt.pipelines.runtime.runners import OnnxRuntimeRunner, ort_session
 MiB = 1 << 20
 
 
-def test_subtract_and_align():
-    assert hp.subtract([(0, 100)], []) == [(0, 100)]
-    assert hp.subtract([(0, 100)], [(0, 100)]) == []
-    assert hp.subtract([(0, 100)], [(10, 20), (50, 60)]) == [(0, 10), (20, 50), (60, 100)]
-    assert hp.subtract([(0, 100), (200, 300)], [(90, 210)]) == [(0, 90), (210, 300)]
-    assert hp.subtract([(10, 20)], [(0, 5), (30, 40)]) == [(10, 20)]
-    # the heap grew: only its new end is new
-    assert hp.subtract([(1000, 9000)], [(1000, 4000)]) == [(4000, 9000)]
+def test_ranges_shrink_to_whole_huge_pages():
     huge = hp.HUGE
     assert hp.huge_aligned([(1, 3 * huge - 1)]) == [(huge, 2 * huge)]
     assert hp.huge_aligned([(1, 2 * huge - 1)]) == []
@@ -96,18 +89,19 @@ def test_a_sessions_new_memory_lands_on_huge_pages_with_the_same_outputs(tmp_pat
     x = np.random.default_rng(1).standard_normal((1, 2048), dtype=np.float32)
     plain = ort_session(path, threads=1)
     expected = plain.run(None, {"x": x})[0]
+    hp.collapse_anonymous_memory()  # whatever the process held before the session
     before_huge = _anon_huge_kib()
-    before = hp.snapshot()
     session = ort_session(path, threads=1)
-    report = hp.back_new_memory(before)
+    report = hp.collapse_anonymous_memory()
     if report.notes and not report.collapsed_bytes:
         pytest.skip(f"this kernel could not collapse: {report}")
     assert report.collapsed_bytes >= 40 * MiB, report  # the 48 MiB prepacked weight, less the unaligned ends
     assert _anon_huge_kib() - before_huge >= 40 * 1024
+    assert report.huge_bytes == _anon_huge_kib() << 10
     assert np.array_equal(session.run(None, {"x": x})[0], expected)
-    # memory that existed before the snapshot is left alone
-    again = hp.back_new_memory(hp.snapshot())
-    assert again.collapsed_bytes == 0 and again.failed_bytes == 0
+    # what is on huge pages already is not moved again
+    again = hp.collapse_anonymous_memory()
+    assert again.collapsed_bytes < 4 * MiB and again.failed_bytes == 0, again
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +127,8 @@ def test_the_runner_reports_huge_pages_and_its_logits_do_not_move(tiny_export):
         outs[flag] = logits
         assert (runner.huge_pages is not None) == flag
         assert ("huge pages:" in runner.description) == flag
-        if flag and _usable_here() is None:  # bytes-llama's 11.5 MB of weights, prepacked by the session
-            assert runner.huge_pages.collapsed_bytes >= 4 * MiB, runner.huge_pages
+        if flag and _usable_here() is None:  # bytes-llama: 11.5 MB of weights, prepacked by the session
+            assert runner.huge_pages.huge_bytes >= 4 * MiB, runner.huge_pages
     for a, b in zip(outs[False], outs[True], strict=True):
         assert np.array_equal(a, b)
 
