@@ -65,3 +65,15 @@ def test_long_context_compares_the_two_runners_on_the_same_tokens(tmp_path):
     assert [w["context"][0] for w in report["windows"]] == [8, 24, 40]
     assert all(w["as_written_ms"] > 0 and w["contrib_shared_ms"] > 0 for w in report["windows"])
     assert set(report["open_seconds"]) == {"as written", "contrib + shared buffers"}
+
+
+def test_huge_pages_ab_opens_two_sessions_and_reports_both(tmp_path):
+    """benchmarks.huge_pages on the tiny model: both sessions decode, the report has each figure."""
+    from benchmarks.huge_pages import measure
+
+    source = resolve_model("tiny")
+    exported = export(source, tmp_path / "standard", ExportOptions(dialect="standard"))
+    row = measure(exported.onnx_path, source.config, rounds=2, prompt_len=8, new_tokens=4)
+    assert row["huge_tok_s"] > 0 and row["small_pages_tok_s"] > 0 and row["ratio"] > 0
+    assert row["process_huge_mib_after_b"] >= row["process_huge_mib_after_a"] >= 0
+    assert row["open_huge_s"] >= row["collapse_s"] >= 0
