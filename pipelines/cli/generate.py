@@ -40,8 +40,8 @@ from llmtrt.pipelines.runtime import huge_pages as hp
               help="Which engine of an engine directory holding several (engine.<precision>.plan).")
 @click.option("--huge-pages/--no-huge-pages", default=None,
               help="ONNX Runtime on the CPU: move the session's weights onto 2 MiB pages once it is open. "
-                   f"Measured on a 2-core VM: decode 6-16% faster, open 0.05-1.8 s slower for 0.1-0.5 GB "
-                   f"of weights. Default: "
+                   "156M on a 2-core VM: decode 1-12% faster (int4 least), open 0.05-1.8 s slower "
+                   "(0.1-0.5 GB moved). Default: "
                    f"on from --max-new-tokens {hp.HUGE_PAGES_FROM_TOKENS}; $LLMTRT_HUGE_PAGES=1/0 sets it.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print only a JSON summary (text, new_tokens, prefill_ms, prefill_tokens_per_s, "

@@ -29,8 +29,9 @@ MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 ENV = "LLMTRT_HUGE_PAGES"
-# `llmtrt generate` turns huge pages on by itself from this many new tokens: where the faster decode
-# has paid for the slower open on the 2-core VM (break-even 230-700 tokens for 156M fp32/int8/int4)
+# `llmtrt generate` turns huge pages on by itself from this many new tokens: about where the faster
+# decode has paid for the collapse at open on the 2-core VM (156M int8 / int4 / fp32: ~120 / 550 / 850
+# tokens; docs/benchmarks.md, run 15)
 HUGE_PAGES_FROM_TOKENS = 512
 
 
