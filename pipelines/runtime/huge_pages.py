@@ -37,9 +37,9 @@ HUGE_PAGES_FROM_TOKENS = 512
 
 @dataclass
 class Report:
-    """What :func:`collapse_anonymous_memory` did: bytes moved onto huge pages, bytes on them afterwards, bytes
-    the kernel would not collapse,
-    seconds spent, and a note when it could do nothing (or only part)."""
+    """What :func:`collapse_anonymous_memory` did: bytes moved onto huge pages, the process's bytes on them
+    afterwards, bytes the kernel would not collapse, seconds spent, and notes when it could do nothing
+    (or only part)."""
 
     collapsed_bytes: int = 0  # newly on huge pages
     huge_bytes: int = 0       # the process's anonymous memory on huge pages afterwards
