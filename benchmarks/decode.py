@@ -17,8 +17,9 @@ session settings: the graphs compared under the same runtime conditions.
 Our runner and the @ort rows put each session's memory on 2 MiB pages (pipelines/runtime/huge_pages.py,
 what `llmtrt generate` does from 512 new tokens, or with --huge-pages); the ``4 KiB pages`` rows are
 our main graphs without it. The builder's runtime gets what the machine's transparent-huge-page mode gives
-it (``madvise``, the Debian/Ubuntu default: 4 KiB pages). Rows say how many MiB were collapsed and the
-seconds that added to opening the session (not part of any timed figure).
+it (``madvise``, the Debian/Ubuntu default: 4 KiB pages). Rows say how many MiB of the process were on
+huge pages after each open and the seconds the collapse added to opening the session (not part of any
+timed figure).
 """
 
 from __future__ import annotations
